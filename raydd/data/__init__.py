@@ -1,0 +1,1 @@
+"""Reading and writing data: COCO splits, image decoding, the embedded demo dataset."""

@@ -1,0 +1,117 @@
+"""COCO splits through pycocotools, and the torch dataset training reads.
+
+Training data of both kinds (labeled COCO and pseudo-labeled Parquet) becomes a list of
+:class:`Record` (image path + boxes + contiguous labels), so one dataset class serves
+teacher and student alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torchvision.ops import box_convert
+from torchvision.transforms.v2 import functional as F
+
+from raydd.config import CocoSplit
+from raydd.data.images import load_rgb
+from raydd.views import hflip_boxes
+
+
+def load_coco(annotations: str) -> COCO:
+    """Loads a COCO JSON with pycocotools, keeping its progress prints off stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(annotations)
+
+
+@dataclass(frozen=True)
+class Categories:
+    """Maps COCO category ids to torchvision's contiguous labels ``1..K`` and back."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_coco(cls, coco: COCO) -> Categories:
+        cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        return cls(tuple(c["id"] for c in cats), tuple(c["name"] for c in cats))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model outputs, background included."""
+        return len(self.ids) + 1
+
+    def to_label(self, category_id: int) -> int:
+        return self.ids.index(category_id) + 1
+
+    def to_category(self, label: int) -> int:
+        return self.ids[label - 1]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training image: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels`` ``[N]``."""
+
+    path: str
+    boxes: np.ndarray
+    labels: np.ndarray
+
+
+def coco_records(split: CocoSplit, categories: Categories) -> list[Record]:
+    """Every image of a COCO split (zero-annotation images included), crowds left out."""
+    coco = load_coco(split.annotations)
+    records = []
+    for image_id in sorted(coco.getImgIds()):
+        info = coco.loadImgs(image_id)[0]
+        anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = box_convert(xywh, "xywh", "xyxy").numpy()
+        labels = np.array([categories.to_label(a["category_id"]) for a in anns], np.int64)
+        path = os.path.join(split.images, info["file_name"])
+        records.append(Record(path, boxes, labels))
+    return records
+
+
+def instances_per_image(records: list[Record]) -> float:
+    """Mean number of instances per image (the paper's threshold target)."""
+    return float(np.mean([len(r.labels) for r in records])) if records else 0.0
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """``(image, target)`` pairs in torchvision's detection contract.
+
+    ``image`` is float32 ``[3, H, W]`` in 0..1; ``target`` has ``boxes`` (float32
+    ``[N, 4]`` xyxy pixels) and ``labels`` (int64 ``[N]``). ``N`` may be 0.
+    Horizontal flips (with probability ``hflip_prob``) are the only augmentation here;
+    scale jitter is torchvision's multi-scale ``min_size``.
+    """
+
+    def __init__(self, records: list[Record], hflip_prob: float = 0.0) -> None:
+        self.records = records
+        self.hflip_prob = hflip_prob
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        record = self.records[index]
+        image = F.to_dtype(torch.from_numpy(load_rgb(record.path)).permute(2, 0, 1),
+                           torch.float32, scale=True)
+        boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
+        if self.hflip_prob and torch.rand(()) < self.hflip_prob:
+            image, boxes = image.flip(-1), hflip_boxes(boxes, image.shape[-1])
+        target = {"boxes": boxes, "labels": torch.tensor(record.labels, dtype=torch.int64)}
+        return image, target
+
+
+def collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Keeps images and targets as lists (torchvision detectors take ragged sizes)."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)

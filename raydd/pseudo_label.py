@@ -1,0 +1,168 @@
+"""Step 2: multi-view inference and fusion of unlabeled images as a Ray Data pipeline.
+
+::
+
+    read_binary_files ──► decode_batch (CPU tasks) ──► Predictor (actor pool, GPU if any)
+                                                        │ every view of every image,
+                                                        │ boxes mapped back, fused
+                                                        ▼
+                                               write_parquet (one row per image)
+
+Inference, inverse transforms and fusion of one image happen in one actor call: no
+shuffle or group-by crosses the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from raydd import schema
+from raydd.checkpoint import load_detector
+from raydd.config import Config, EnsembleConfig, InferenceConfig, ViewConfig, unlabeled_files
+from raydd.data.images import decode_batch
+from raydd.ensemble import fuse
+from raydd.models import permissive_inference
+from raydd.views import View
+
+logger = logging.getLogger(__name__)
+
+CANDIDATES_DIR = "candidates"
+
+
+class Predictor:
+    """Model-holding Ray Data stage: all views of a batch, mapped back and fused.
+
+    Reads ``path``, ``image``, ``height``, ``width``, ``error``; returns a
+    :data:`raydd.schema.CANDIDATES_SCHEMA` table (``image`` dropped). Rows whose
+    ``error`` is set get zero detections.
+
+    Args:
+        checkpoint: directory written by :func:`raydd.checkpoint.save_detector`.
+        views: the test-time views; one view means no fusion.
+        ensemble: fusion settings (also caps detections per image).
+        score_floor: detections below this score are not kept at all.
+    """
+
+    def __init__(self, checkpoint: str, views: Sequence[ViewConfig],
+                 ensemble: EnsembleConfig, score_floor: float = 0.0) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_detector(checkpoint, self.device)
+        self.model = permissive_inference(model, ensemble.max_detections)
+        self.views = [View.from_config(v) for v in views]
+        self.ensemble = ensemble
+        self.score_floor = score_floor
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Detections of each ``uint8 [H, W, 3]`` image in original-image pixels."""
+        tensors = [F.to_dtype(torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1),
+                              torch.float32, scale=True) for i in images]
+        sizes = [t.shape[-2:] for t in tensors]
+        per_image: list[list[dict[str, torch.Tensor]]] = [[] for _ in tensors]
+        for view in self.views:
+            outputs = self.model([view.apply(t).to(self.device) for t in tensors])
+            for dets, out, (h, w) in zip(per_image, outputs, sizes, strict=True):
+                out = {k: v.cpu() for k, v in out.items()}
+                out["boxes"] = view.invert_boxes(out["boxes"], h, w)
+                dets.append(out)
+        return [self._fuse(dets) for dets in per_image]
+
+    def _fuse(self, dets: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+        boxes, scores, labels = (torch.cat([d[k] for d in dets])
+                                 for k in ("boxes", "scores", "labels"))
+        if len(dets) > 1:
+            boxes, scores, labels = fuse(boxes, scores, labels, self.ensemble)
+        keep = scores >= self.score_floor
+        return {schema.BOXES: boxes[keep].numpy(), schema.SCORES: scores[keep].numpy(),
+                schema.LABELS: labels[keep].numpy()}
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        ok = [i for i, e in enumerate(batch[schema.ERROR]) if not e]
+        detections = dict(zip(ok, self.predict([batch[schema.IMAGE][i] for i in ok]),
+                              strict=True))
+        rows = []
+        for i in range(len(batch[schema.PATH])):
+            row = {k: batch[k][i] for k in (schema.PATH, schema.HEIGHT, schema.WIDTH,
+                                            schema.ERROR)}
+            rows.append({**row, **detections.get(i, schema.empty_detections())})
+        return schema.candidates_table(rows)
+
+
+def _pool(inference: InferenceConfig) -> tuple[ray.data.ActorPoolStrategy, float, float]:
+    """Actor pool and per-actor resources from the cluster (or the config).
+
+    With GPUs: one actor per GPU. Without: up to one per CPU, but ``min_size=1`` so
+    the CPU read/decode tasks always get a core (a fixed pool of 1-CPU actors on a
+    2-CPU machine starves the reader and hangs; see RAY-NOTES).
+    """
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    num_gpus = inference.num_gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus >= 1 else 0.0
+    slots = gpus / num_gpus if num_gpus else resources.get("CPU", 1)
+    max_size = inference.num_actors or max(1, int(slots))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max_size), num_gpus, 1.0
+
+
+def predict_dataset(paths: Sequence[str], checkpoint: str, views: Sequence[ViewConfig],
+                    ensemble: EnsembleConfig, inference: InferenceConfig) -> ray.data.Dataset:
+    """The lazy Ray Dataset of candidates for ``paths`` (one row per path)."""
+    compute, num_gpus, num_cpus = _pool(inference)
+    ds = ray.data.read_binary_files(list(paths), include_paths=True)
+    ds = ds.map_batches(decode_batch, batch_size=inference.batch_size)
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs=dict(checkpoint=checkpoint, views=list(views),
+                                   ensemble=ensemble, score_floor=inference.score_floor),
+        batch_size=inference.batch_size, compute=compute, num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
+
+
+@dataclass(frozen=True)
+class PseudoLabelResult:
+    candidates: str
+    images: int
+    errors: int
+    seconds: float
+
+
+def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
+    """Runs the teacher with every view on the unlabeled set; writes Parquet candidates.
+
+    Writes ``OUTPUT_DIR/candidates/*.parquet`` (replacing an earlier run's) and an
+    ``errors.csv`` of images that could not be decoded.
+    """
+    start = time.perf_counter()
+    out = Path(config.output_dir) / CANDIDATES_DIR
+    shutil.rmtree(out, ignore_errors=True)
+    paths = unlabeled_files(config.data.unlabeled)
+    logger.info("pseudo-labeling %d images with %d views", len(paths), len(config.views))
+    ds = predict_dataset(paths, teacher_checkpoint, config.views, config.ensemble,
+                         config.inference)
+    ds.write_parquet(str(out.resolve()))
+    table = read_candidates(out)
+    errors = table[table[schema.ERROR] != ""][[schema.PATH, schema.ERROR]]
+    errors.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"}).to_csv(
+        Path(config.output_dir) / "errors.csv", index=False)
+    return PseudoLabelResult(str(out), len(table), len(errors), time.perf_counter() - start)
+
+
+def read_candidates(directory: str | Path) -> pd.DataFrame:
+    """Reads the candidates Parquet written by :func:`pseudo_label`, sorted by path."""
+    frame = pd.read_parquet(directory)
+    return frame.sort_values(schema.PATH, ignore_index=True)

@@ -1,0 +1,71 @@
+"""The whole method on tiny real data, through the CLI, on local Ray."""
+
+import json
+
+import pytest
+import yaml
+
+from raydd.checkpoint import read_metadata
+from raydd.cli import build_parser, main
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+SUBCOMMANDS = ["demo-data", "train-teacher", "pseudo-label", "tune-threshold",
+               "train-student", "evaluate", "run"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: raydd " + command in capsys.readouterr().out
+
+
+def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
+    assert main(["run", str(config), "student.labeled_share=0.4"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for model in ("teacher", "teacher_views", "student"):
+        assert set(summary[model]) == {"AP", "AP50", "AP75"}
+        assert all(0.0 <= v <= 1.0 for v in summary[model].values())
+    assert 0.0 <= summary["threshold"] <= 1.0
+    assert summary["images"] == {"labeled": 8, "unlabeled": 10, "pseudo_labeled": 10,
+                                 "errors": 0}
+    assert summary["instances_per_image"]["labeled"] > 1.0
+    assert set(summary["seconds"]) == {"teacher", "pseudo_label", "threshold", "student",
+                                       "evaluate"}
+    student = read_metadata(tmp_path / "out" / "student")
+    assert student["init"] == "pretrained" and student["step"] == 4
+    assert student["config"]["student"]["labeled_share"] == 0.4
+    assert "student - teacher" in capsys.readouterr().out
+
+    # the separate steps reuse what `run` left: re-launching the teacher with a longer
+    # schedule resumes from its last checkpoint (step 4) instead of starting over
+    assert main(["train-teacher", str(config), "teacher.iterations=6"]) == 0
+    teacher = read_metadata(tmp_path / "out" / "teacher")
+    assert (teacher["step"], teacher["resumed_from"]) == (6, 4)
+    assert main(["tune-threshold", str(config)]) == 0
+    assert json.loads((tmp_path / "out" / "threshold.json").read_text())["trials"] == 6
+
+
+def test_bad_config_stops_before_any_work(tmp_path, demo_dir, weights, capsys):
+    raw = tiny_config(demo_dir, tmp_path / "out", weights)
+    raw["data"]["test"]["images"] = str(tmp_path / "missing")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 2
+    assert f"data.test.images: no such directory: {tmp_path / 'missing'}" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_step_without_its_input_says_which_step_to_run(ray_local, tmp_path, demo_dir,
+                                                       weights, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
+    assert main(["pseudo-label", str(config)]) == 2
+    assert "run `raydd train-teacher` first" in capsys.readouterr().err
