@@ -27,6 +27,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -ra
 
+lint: $(VENV)/.installed
+	$(BIN)/ruff check raydd jobs benchmarks tests
+	$(BIN)/ruff format --check raydd jobs benchmarks tests
+
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -ra -m "not slow"
 

@@ -1,6 +1,7 @@
 """All four steps of data distillation as a Ray job.
 
-    ray job submit --working-dir . -- python jobs/distill.py --config configs/demo.yaml \
+    ray job submit --working-dir . -- \
+        python jobs/distill.py --config configs/demo.yaml \
         model.backbone_weights=/path/to/mobilenet_v2-b0353104.pth
 
 Inside a job ``RAY_ADDRESS`` is set, so the run joins the cluster instead of starting
@@ -26,18 +27,35 @@ from raydd.runtime import init_ray
 
 def smoke_config(workdir: Path, output_dir: str | None):
     """A tiny but complete run on freshly written demo data."""
-    data = write_demo_dataset(workdir / "data", seed=0,
-                              sizes=DemoSizes(labeled=16, unlabeled=24, test=12))
-    tiny_train = {"iterations": 6, "batch_size": 2, "checkpoint_every": 3,
-                  "warmup_iterations": 2, "hflip_prob": 0.0}
+    data = write_demo_dataset(
+        workdir / "data", seed=0, sizes=DemoSizes(labeled=16, unlabeled=24, test=12)
+    )
+    tiny_train = {
+        "iterations": 6,
+        "batch_size": 2,
+        "checkpoint_every": 3,
+        "warmup_iterations": 2,
+        "hflip_prob": 0.0,
+    }
     raw = {
-        "data": {"labeled": {"annotations": str(data / "labeled.json"),
-                             "images": str(data / "labeled")},
-                 "unlabeled": {"images": str(data / "unlabeled")},
-                 "test": {"annotations": str(data / "test.json"), "images": str(data / "test")}},
+        "data": {
+            "labeled": {
+                "annotations": str(data / "labeled.json"),
+                "images": str(data / "labeled"),
+            },
+            "unlabeled": {"images": str(data / "unlabeled")},
+            "test": {
+                "annotations": str(data / "test.json"),
+                "images": str(data / "test"),
+            },
+        },
         "output_dir": output_dir or str(workdir / "output"),
-        "model": {"backbone_weights": offline_mobilenet_v2_weights(), "min_size": [128],
-                  "max_size": 128, "kwargs": {"anchor_sizes": [[16], [32], [64], [128]]}},
+        "model": {
+            "backbone_weights": offline_mobilenet_v2_weights(),
+            "min_size": [128],
+            "max_size": 128,
+            "kwargs": {"anchor_sizes": [[16], [32], [64], [128]]},
+        },
         "teacher": tiny_train,
         "views": [{}, {"scale": 160}],
         "threshold": {"num_samples": 6},
@@ -50,11 +68,15 @@ def smoke_config(workdir: Path, output_dir: str | None):
 
 def main() -> int:
     # [1] Parse
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="run configuration (YAML)")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="tiny run on demo data written to a temporary directory")
+    parser.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="tiny run on demo data written to a temporary directory",
+    )
     parser.add_argument("--output-dir", help="with --smoke-test: where outputs go")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -63,8 +85,11 @@ def main() -> int:
     # [2] Build the config (validated before any work starts)
     workdir = Path(tempfile.mkdtemp(prefix="raydd-smoke-"))
     try:
-        config = (smoke_config(workdir, args.output_dir) if args.smoke_test
-                  else load_config(args.config, args.overrides))
+        config = (
+            smoke_config(workdir, args.output_dir)
+            if args.smoke_test
+            else load_config(args.config, args.overrides)
+        )
     except ConfigError as e:
         print(f"distill: error: {e}", file=sys.stderr)
         return 2

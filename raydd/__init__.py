@@ -1,4 +1,4 @@
-"""raydd: data distillation (Radosavovic et al., CVPR 2018) for torchvision detectors on Ray.
+"""raydd: data distillation (Radosavovic et al., CVPR 2018) for torchvision detectors.
 
 The flow, one module per step: :mod:`raydd.teacher` -> :mod:`raydd.views` ->
 :mod:`raydd.ensemble` (run by :mod:`raydd.pseudo_label`) -> :mod:`raydd.threshold` ->

@@ -1,4 +1,4 @@
-"""Detector checkpoints: a plain torchvision ``state_dict`` plus the config that built it.
+"""Detector checkpoints: a plain torchvision ``state_dict`` plus the config behind it.
 
 A checkpoint is a directory::
 
@@ -25,15 +25,22 @@ MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
 
 
-def save_detector(directory: str | Path, model: nn.Module, model_config: ModelConfig,
-                  categories: Categories, **metadata: Any) -> None:
+def save_detector(
+    directory: str | Path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    categories: Categories,
+    **metadata: Any,
+) -> None:
     """Writes ``model.pt`` and ``metadata.json`` into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / MODEL_FILE)
-    meta = {"model": to_dict(model_config),
-            "categories": {"ids": list(categories.ids), "names": list(categories.names)},
-            **metadata}
+    meta = {
+        "model": to_dict(model_config),
+        "categories": {"ids": list(categories.ids), "names": list(categories.names)},
+        **metadata,
+    }
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -41,14 +48,18 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / METADATA_FILE).read_text())
 
 
-def load_detector(directory: str | Path,
-                  device: str | torch.device = "cpu") -> tuple[nn.Module, Categories]:
+def load_detector(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Categories]:
     """Rebuilds the detector saved by :func:`save_detector` (in eval mode)."""
     meta = read_metadata(directory)
     model_config = from_plain(ModelConfig, meta["model"], "model.")
-    categories = Categories(tuple(meta["categories"]["ids"]),
-                            tuple(meta["categories"]["names"]))
+    categories = Categories(
+        tuple(meta["categories"]["ids"]), tuple(meta["categories"]["names"])
+    )
     model = build_model(model_config, categories.num_classes, pretrained=False)
-    state = torch.load(Path(directory) / MODEL_FILE, map_location=device, weights_only=True)
+    state = torch.load(
+        Path(directory) / MODEL_FILE, map_location=device, weights_only=True
+    )
     model.load_state_dict(state)
     return model.to(device).eval(), categories

@@ -19,12 +19,20 @@ from raydd.config import Config, ConfigError, load_config
 logger = logging.getLogger("raydd")
 
 
-def _with_config(sub: argparse._SubParsersAction, name: str, help_text: str,
-                 handler: Callable[[Config, argparse.Namespace], Any]) -> argparse.ArgumentParser:
+def _with_config(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    handler: Callable[[Config, argparse.Namespace], Any],
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("config", help="run configuration (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="override config values, e.g. teacher.iterations=100")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config values, e.g. teacher.iterations=100",
+    )
     parser.set_defaults(handler=handler, needs_config=True)
     return parser
 
@@ -40,8 +48,10 @@ def _demo_data(args: argparse.Namespace) -> None:
 
     sizes = DemoSizes(labeled=args.labeled, unlabeled=args.unlabeled, test=args.test)
     out = write_demo_dataset(args.dir, seed=args.seed, sizes=sizes)
-    print(f"demo dataset written to {out} "
-          f"({sizes.labeled} labeled, {sizes.unlabeled} unlabeled, {sizes.test} test)")
+    print(
+        f"demo dataset written to {out} "
+        f"({sizes.labeled} labeled, {sizes.unlabeled} unlabeled, {sizes.test} test)"
+    )
 
 
 def _train_teacher(config: Config, args: argparse.Namespace) -> None:
@@ -56,8 +66,10 @@ def _pseudo_label(config: Config, args: argparse.Namespace) -> None:
 
     teacher = _require(Path(config.output_dir) / TEACHER_DIR, "train-teacher")
     result = pseudo_label(config, str(teacher))
-    print(f"{result.images} images ({result.errors} unreadable) -> {result.candidates} "
-          f"in {result.seconds:.1f} s")
+    print(
+        f"{result.images} images ({result.errors} unreadable) -> {result.candidates} "
+        f"in {result.seconds:.1f} s"
+    )
 
 
 def _tune_threshold(config: Config, args: argparse.Namespace) -> None:
@@ -70,9 +82,11 @@ def _tune_threshold(config: Config, args: argparse.Namespace) -> None:
     candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
     target = instances_per_image(labeled_records(config))
     result = search_threshold(candidates, target, config.threshold, out / "tune")
-    print(f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
-          f"instances per unlabeled image vs {target:.3f} labeled "
-          f"({result.trials} trials) -> {save_threshold(result, out)}")
+    print(
+        f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
+        f"instances per unlabeled image vs {target:.3f} labeled "
+        f"({result.trials} trials) -> {save_threshold(result, out)}"
+    )
 
 
 def _train_student(config: Config, args: argparse.Namespace) -> None:
@@ -95,8 +109,11 @@ def _evaluate(config: Config, args: argparse.Namespace) -> None:
     from raydd.teacher import TEACHER_DIR
 
     out = Path(config.output_dir)
-    metrics = evaluate_all(config, _require(out / TEACHER_DIR, "train-teacher"),
-                           _require(out / STUDENT_DIR, "train-student"))
+    metrics = evaluate_all(
+        config,
+        _require(out / TEACHER_DIR, "train-teacher"),
+        _require(out / STUDENT_DIR, "train-student"),
+    )
     print(format_table(metrics))
 
 
@@ -105,8 +122,15 @@ def _run(config: Config, args: argparse.Namespace) -> None:
 
     summary = run_distillation(config)
     print(format_table(summary))
-    print(json.dumps({k: summary[k] for k in ("threshold", "instances_per_image", "images",
-                                               "seconds")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("threshold", "instances_per_image", "images", "seconds")
+            },
+            indent=2,
+        )
+    )
     print(f"summary: {Path(config.output_dir) / SUMMARY_FILE}")
 
 
@@ -114,35 +138,63 @@ def format_table(metrics: dict[str, Any]) -> str:
     """A text table of AP/AP50/AP75 per model, plus the student's gain."""
     rows = [("model", "AP", "AP50", "AP75")]
     for name in ("teacher", "teacher_views", "student"):
-        rows.append((name, *(f"{metrics[name][m]:.4f}" for m in ("AP", "AP50", "AP75"))))
-    gain = {m: metrics["student"][m] - metrics["teacher"][m] for m in ("AP", "AP50", "AP75")}
-    rows.append(("student - teacher", *(f"{gain[m]:+.4f}" for m in ("AP", "AP50", "AP75"))))
+        rows.append(
+            (name, *(f"{metrics[name][m]:.4f}" for m in ("AP", "AP50", "AP75")))
+        )
+    gain = {
+        m: metrics["student"][m] - metrics["teacher"][m] for m in ("AP", "AP50", "AP75")
+    }
+    rows.append(
+        ("student - teacher", *(f"{gain[m]:+.4f}" for m in ("AP", "AP50", "AP75")))
+    )
     return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="raydd", description="Data distillation for torchvision detectors on Ray.")
+        prog="raydd", description="Data distillation for torchvision detectors on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo-data", help="write the embedded demo dataset",
-                          description="Write labeled/unlabeled/test splits of real digits "
-                                      "on real textures (COCO JSON + PNG).")
+    demo = sub.add_parser(
+        "demo-data",
+        help="write the embedded demo dataset",
+        description="Write labeled/unlabeled/test splits of real digits "
+        "on real textures (COCO JSON + PNG).",
+    )
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--labeled", type=int, default=300)
     demo.add_argument("--unlabeled", type=int, default=2000)
     demo.add_argument("--test", type=int, default=300)
     demo.set_defaults(handler=_demo_data, needs_config=False)
-    _with_config(sub, "train-teacher", "step 1: train the teacher on the labeled set",
-                 _train_teacher)
-    _with_config(sub, "pseudo-label", "step 2: run the teacher with every view on the "
-                 "unlabeled set and fuse (Ray Data)", _pseudo_label)
-    _with_config(sub, "tune-threshold", "step 3: choose the score threshold (Ray Tune)",
-                 _tune_threshold)
-    _with_config(sub, "train-student", "step 4: train the student on labeled + "
-                 "pseudo-labeled data", _train_student)
-    _with_config(sub, "evaluate", "COCO AP of teacher, teacher with views and student",
-                 _evaluate)
+    _with_config(
+        sub,
+        "train-teacher",
+        "step 1: train the teacher on the labeled set",
+        _train_teacher,
+    )
+    _with_config(
+        sub,
+        "pseudo-label",
+        "step 2: run the teacher with every view on the "
+        "unlabeled set and fuse (Ray Data)",
+        _pseudo_label,
+    )
+    _with_config(
+        sub,
+        "tune-threshold",
+        "step 3: choose the score threshold (Ray Tune)",
+        _tune_threshold,
+    )
+    _with_config(
+        sub,
+        "train-student",
+        "step 4: train the student on labeled + pseudo-labeled data",
+        _train_student,
+    )
+    _with_config(
+        sub, "evaluate", "COCO AP of teacher, teacher with views and student", _evaluate
+    )
     _with_config(sub, "run", "all four steps and evaluation; writes summary.json", _run)
     return parser
 

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class CocoSplit:
-    """A COCO instances JSON and the folder its ``file_name`` entries are relative to."""
+    """A COCO instances JSON and the folder its ``file_name`` entries live in."""
 
     annotations: str
     images: str
@@ -208,18 +208,25 @@ def resolve_paths(config: Config) -> Config:
     Ray workers run in other directories, so a relative path would point elsewhere.
     """
     data = config.data
-    coco = {s: dataclasses.replace(getattr(data, s),
-                                   annotations=_absolute(getattr(data, s).annotations),
-                                   images=_absolute(getattr(data, s).images))
-            for s in ("labeled", "test")}
-    unlabeled = dataclasses.replace(data.unlabeled, images=_absolute(data.unlabeled.images))
+    coco = {
+        s: dataclasses.replace(
+            getattr(data, s),
+            annotations=_absolute(getattr(data, s).annotations),
+            images=_absolute(getattr(data, s).images),
+        )
+        for s in ("labeled", "test")
+    }
+    unlabeled = dataclasses.replace(
+        data.unlabeled, images=_absolute(data.unlabeled.images)
+    )
     weights = config.model.backbone_weights
     return dataclasses.replace(
         config,
         data=DataConfig(unlabeled=unlabeled, **coco),
         output_dir=_absolute(config.output_dir),
-        model=dataclasses.replace(config.model,
-                                  backbone_weights=weights and _absolute(weights)),
+        model=dataclasses.replace(
+            config.model, backbone_weights=weights and _absolute(weights)
+        ),
     )
 
 
@@ -229,7 +236,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Plain-data form of a config (for YAML/JSON next to outputs and in checkpoints)."""
+    """Plain-data form of a config (YAML/JSON next to outputs and in checkpoints)."""
     return _plain(dataclasses.asdict(config))
 
 
@@ -275,7 +282,10 @@ def from_plain(cls: type, raw: Any, prefix: str = "") -> Any:
     for f in dataclasses.fields(cls):
         if f.name in raw:
             values[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             raise ConfigError(f"missing required key {prefix}{f.name}")
     return cls(**values)
 
@@ -335,7 +345,9 @@ def validate(config: Config) -> None:
         _require_file(f"data.{split}.annotations", coco.annotations)
         _require_dir(f"data.{split}.images", coco.images)
     if not unlabeled_files(data.unlabeled):
-        raise ConfigError(f"data.unlabeled.images matches no files: {data.unlabeled.images}")
+        raise ConfigError(
+            f"data.unlabeled.images matches no files: {data.unlabeled.images}"
+        )
     if config.model.backbone_weights is not None:
         _require_file("model.backbone_weights", config.model.backbone_weights)
     models.check_model_name(config.model.name)
@@ -348,11 +360,15 @@ def validate(config: Config) -> None:
     if not 0.0 < config.student.labeled_share <= 1.0:
         raise ConfigError("student.labeled_share must be in (0, 1]")
     if config.student.init not in ("pretrained", "teacher"):
-        raise ConfigError(f"student.init must be 'pretrained' or 'teacher', got "
-                          f"{config.student.init!r}")
+        raise ConfigError(
+            f"student.init must be 'pretrained' or 'teacher', got "
+            f"{config.student.init!r}"
+        )
     if config.threshold.search not in ("grid", "optuna"):
-        raise ConfigError(f"threshold.search must be 'grid' or 'optuna', got "
-                          f"{config.threshold.search!r}")
+        raise ConfigError(
+            f"threshold.search must be 'grid' or 'optuna', got "
+            f"{config.threshold.search!r}"
+        )
 
 
 def _require_file(key: str, path: str) -> None:

@@ -18,15 +18,23 @@ from raydd.config import ConfigError, EnsembleConfig
 Detections = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-        config: EnsembleConfig) -> Detections:
+def nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    config: EnsembleConfig,
+) -> Detections:
     """Class-wise non-maximum suppression at ``config.nms_iou``."""
     keep = batched_nms(boxes, scores, labels, config.nms_iou)[: config.max_detections]
     return boxes[keep], scores[keep], labels[keep]
 
 
-def box_voting(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-               config: EnsembleConfig) -> Detections:
+def box_voting(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    config: EnsembleConfig,
+) -> Detections:
     """Class-wise NMS, then each kept box becomes the score-weighted mean of every
     same-class box overlapping it by IoU >= ``config.vote_iou`` (Detectron's
     ``BBOX_VOTE`` with its default ``ID`` scoring: the kept box's score is unchanged).
@@ -51,12 +59,17 @@ def check_method(name: str) -> None:
     """Raises :class:`ConfigError` listing the known methods if ``name`` is unknown."""
     if name not in FUSION_METHODS:
         raise ConfigError(
-            f"ensemble.method: unknown fusion method {name!r}; known: {sorted(FUSION_METHODS)}"
+            f"ensemble.method: unknown fusion method {name!r}; "
+            f"known: {sorted(FUSION_METHODS)}"
         )
 
 
-def fuse(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-         config: EnsembleConfig) -> Detections:
+def fuse(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    config: EnsembleConfig,
+) -> Detections:
     """Fuses one image's detections with ``config.method``."""
     check_method(config.method)
     return FUSION_METHODS[config.method](boxes, scores, labels, config)

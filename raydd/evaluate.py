@@ -29,21 +29,32 @@ from raydd.pseudo_label import predict_dataset
 METRICS = ("AP", "AP50", "AP75")
 
 
-def coco_results(predictions: pd.DataFrame, coco: COCO, images_dir: str,
-                 categories: Categories) -> list[dict[str, Any]]:
-    """Candidates rows -> COCO result dicts (``bbox`` is xywh, category ids restored)."""
-    by_path = {os.path.normpath(os.path.join(images_dir, img["file_name"])): img["id"]
-               for img in coco.dataset["images"]}
+def coco_results(
+    predictions: pd.DataFrame, coco: COCO, images_dir: str, categories: Categories
+) -> list[dict[str, Any]]:
+    """Candidates rows -> COCO result dicts (``bbox`` xywh, COCO category ids)."""
+    by_path = {
+        os.path.normpath(os.path.join(images_dir, img["file_name"])): img["id"]
+        for img in coco.dataset["images"]
+    }
     results = []
     for row in predictions.to_dict("records"):
         image_id = by_path[os.path.normpath(row[schema.PATH])]
         dets = schema.detections_from_row(row)
-        xywh = box_convert(torch.from_numpy(dets[schema.BOXES]), "xyxy", "xywh").tolist()
-        for box, label, score in zip(xywh, dets[schema.LABELS], dets[schema.SCORES],
-                                     strict=True):
-            results.append({"image_id": image_id, "bbox": [round(v, 2) for v in box],
-                            "category_id": categories.to_category(int(label)),
-                            "score": float(score)})
+        xywh = box_convert(
+            torch.from_numpy(dets[schema.BOXES]), "xyxy", "xywh"
+        ).tolist()
+        for box, label, score in zip(
+            xywh, dets[schema.LABELS], dets[schema.SCORES], strict=True
+        ):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "bbox": [round(v, 2) for v in box],
+                    "category_id": categories.to_category(int(label)),
+                    "score": float(score),
+                }
+            )
     return results
 
 
@@ -60,13 +71,19 @@ def coco_metrics(coco: COCO, results: list[dict[str, Any]]) -> dict[str, float]:
     return {name: float(v) for name, v in zip(METRICS, stats, strict=True)}
 
 
-def evaluate_checkpoint(checkpoint: str, split: CocoSplit, views: Sequence[ViewConfig],
-                        ensemble: EnsembleConfig,
-                        inference: InferenceConfig) -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str,
+    split: CocoSplit,
+    views: Sequence[ViewConfig],
+    ensemble: EnsembleConfig,
+    inference: InferenceConfig,
+) -> dict[str, float]:
     """Runs ``checkpoint`` on every test image (through Ray Data) and scores it."""
     coco = load_coco(split.annotations)
     meta = read_metadata(checkpoint)["categories"]
     categories = Categories(tuple(meta["ids"]), tuple(meta["names"]))
-    paths = [os.path.join(split.images, img["file_name"]) for img in coco.dataset["images"]]
+    paths = [
+        os.path.join(split.images, img["file_name"]) for img in coco.dataset["images"]
+    ]
     frame = predict_dataset(paths, checkpoint, views, ensemble, inference).to_pandas()
     return coco_metrics(coco, coco_results(frame, coco, split.images, categories))

@@ -62,14 +62,21 @@ def fasterrcnn_mobilenet_v2_fpn(
     if pretrained:
         classifier.load_state_dict(torch.load(backbone_weights, weights_only=True))
     backbone = _mobilenet_extractor(
-        classifier, fpn=True, trainable_layers=trainable_backbone_layers if pretrained else 6,
+        classifier,
+        fpn=True,
+        trainable_layers=trainable_backbone_layers if pretrained else 6,
         returned_layers=[2, 3, 4],
     )
     anchor_sizes = tuple(tuple(s) for s in anchor_sizes)
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
-    return FasterRCNN(backbone, num_classes=num_classes, rpn_anchor_generator=anchors,
-                      box_roi_pool=roi_pool, **kwargs)
+    return FasterRCNN(
+        backbone,
+        num_classes=num_classes,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=roi_pool,
+        **kwargs,
+    )
 
 
 RAYDD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -85,10 +92,14 @@ def known_models() -> list[str]:
 def check_model_name(name: str) -> None:
     """Raises :class:`ConfigError` listing the known names if ``name`` is unknown."""
     if name not in known_models():
-        raise ConfigError(f"model.name: unknown model {name!r}; known: {known_models()}")
+        raise ConfigError(
+            f"model.name: unknown model {name!r}; known: {known_models()}"
+        )
 
 
-def build_model(config: ModelConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+def build_model(
+    config: ModelConfig, num_classes: int, pretrained: bool = True
+) -> nn.Module:
     """Builds the detector of ``config`` with ``num_classes`` outputs (with background).
 
     Args:
@@ -99,15 +110,19 @@ def build_model(config: ModelConfig, num_classes: int, pretrained: bool = True) 
     """
     check_model_name(config.name)
     common: dict[str, Any] = dict(
-        num_classes=num_classes, min_size=config.min_size, max_size=config.max_size,
-        trainable_backbone_layers=config.trainable_backbone_layers, **config.kwargs,
+        num_classes=num_classes,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        trainable_backbone_layers=config.trainable_backbone_layers,
+        **config.kwargs,
     )
     if config.name in RAYDD_BUILDERS:
         weights = config.backbone_weights if pretrained else None
         return RAYDD_BUILDERS[config.name](backbone_weights=weights, **common)
     if config.backbone_weights is not None:
         raise ConfigError(
-            f"model.backbone_weights is read by raydd's builders {sorted(RAYDD_BUILDERS)};"
+            "model.backbone_weights is read by raydd's builders "
+            f"{sorted(RAYDD_BUILDERS)};"
             f" for {config.name} name a torchvision enum in model.weights_backbone"
         )
     weights_backbone = config.weights_backbone if pretrained else None
@@ -138,8 +153,11 @@ def permissive_inference(model: nn.Module, max_detections: int) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--offline-weights", action="store_true",
-                        help="print the path of the offline ImageNet MobileNetV2 weights")
+    parser.add_argument(
+        "--offline-weights",
+        action="store_true",
+        help="print the path of the offline ImageNet MobileNetV2 weights",
+    )
     args = parser.parse_args()
     if args.offline_weights:
         print(offline_mobilenet_v2_weights())

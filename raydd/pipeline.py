@@ -43,10 +43,13 @@ def single_view(config: Config) -> tuple[ViewConfig, ...]:
 
 def evaluate_all(config: Config, teacher: Path, student: Path) -> dict[str, Any]:
     run = lambda ckpt, views: evaluate_checkpoint(  # noqa: E731
-        str(ckpt), config.data.test, views, config.ensemble, config.inference)
-    return {"teacher": run(teacher, single_view(config)),
-            "teacher_views": run(teacher, config.views),
-            "student": run(student, single_view(config))}
+        str(ckpt), config.data.test, views, config.ensemble, config.inference
+    )
+    return {
+        "teacher": run(teacher, single_view(config)),
+        "teacher_views": run(teacher, config.views),
+        "student": run(student, single_view(config)),
+    }
 
 
 def run_distillation(config: Config) -> dict[str, Any]:
@@ -67,21 +70,33 @@ def run_distillation(config: Config) -> dict[str, Any]:
     candidates = read_candidates(labeled.candidates)
     labeled_set = labeled_records(config)
     target = instances_per_image(labeled_set)
-    threshold = timed("threshold", search_threshold, candidates, target, config.threshold,
-                      out / "tune")
+    threshold = timed(
+        "threshold",
+        search_threshold,
+        candidates,
+        target,
+        config.threshold,
+        out / "tune",
+    )
     save_threshold(threshold, out)
-    student = timed("student", train_student, config, candidates, threshold.threshold,
-                    teacher)
+    student = timed(
+        "student", train_student, config, candidates, threshold.threshold, teacher
+    )
     metrics = timed("evaluate", evaluate_all, config, teacher, student)
     pseudo = pseudo_records(candidates, threshold.threshold)
     summary = {
         **metrics,
         "threshold": threshold.threshold,
-        "instances_per_image": {"labeled": target,
-                                "pseudo": instances_per_image(pseudo)},
-        "images": {"labeled": len(labeled_set),
-                   "unlabeled": labeled.images, "pseudo_labeled": len(pseudo),
-                   "errors": labeled.errors},
+        "instances_per_image": {
+            "labeled": target,
+            "pseudo": instances_per_image(pseudo),
+        },
+        "images": {
+            "labeled": len(labeled_set),
+            "unlabeled": labeled.images,
+            "pseudo_labeled": len(pseudo),
+            "errors": labeled.errors,
+        },
         "seconds": seconds,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

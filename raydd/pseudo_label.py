@@ -2,7 +2,7 @@
 
 ::
 
-    read_binary_files ──► decode_batch (CPU tasks) ──► Predictor (actor pool, GPU if any)
+    read_binary_files ──► decode_batch (CPU) ──► Predictor (actor pool, GPU if any)
                                                         │ every view of every image,
                                                         │ boxes mapped back, fused
                                                         ▼
@@ -31,7 +31,13 @@ from torchvision.transforms.v2 import functional as F
 
 from raydd import schema
 from raydd.checkpoint import load_detector
-from raydd.config import Config, EnsembleConfig, InferenceConfig, ViewConfig, unlabeled_files
+from raydd.config import (
+    Config,
+    EnsembleConfig,
+    InferenceConfig,
+    ViewConfig,
+    unlabeled_files,
+)
 from raydd.data.images import decode_batch
 from raydd.ensemble import fuse
 from raydd.models import permissive_inference
@@ -54,11 +60,20 @@ class Predictor:
         views: the test-time views; one view means no fusion.
         ensemble: fusion settings (also caps detections per image).
         score_floor: detections below this score are not kept at all.
+        num_threads: torch threads when running on the CPU.
     """
 
-    def __init__(self, checkpoint: str, views: Sequence[ViewConfig],
-                 ensemble: EnsembleConfig, score_floor: float = 0.0) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        views: Sequence[ViewConfig],
+        ensemble: EnsembleConfig,
+        score_floor: float = 0.0,
+        num_threads: int = 1,
+    ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
         model, _ = load_detector(checkpoint, self.device)
         self.model = permissive_inference(model, ensemble.max_detections)
         self.views = [View.from_config(v) for v in views]
@@ -68,8 +83,14 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detections of each ``uint8 [H, W, 3]`` image in original-image pixels."""
-        tensors = [F.to_dtype(torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1),
-                              torch.float32, scale=True) for i in images]
+        tensors = [
+            F.to_dtype(
+                torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1),
+                torch.float32,
+                scale=True,
+            )
+            for i in images
+        ]
         sizes = [t.shape[-2:] for t in tensors]
         per_image: list[list[dict[str, torch.Tensor]]] = [[] for _ in tensors]
         for view in self.views:
@@ -81,55 +102,88 @@ class Predictor:
         return [self._fuse(dets) for dets in per_image]
 
     def _fuse(self, dets: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-        boxes, scores, labels = (torch.cat([d[k] for d in dets])
-                                 for k in ("boxes", "scores", "labels"))
+        boxes, scores, labels = (
+            torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")
+        )
         if len(dets) > 1:
             boxes, scores, labels = fuse(boxes, scores, labels, self.ensemble)
         keep = scores >= self.score_floor
-        return {schema.BOXES: boxes[keep].numpy(), schema.SCORES: scores[keep].numpy(),
-                schema.LABELS: labels[keep].numpy()}
+        return {
+            schema.BOXES: boxes[keep].numpy(),
+            schema.SCORES: scores[keep].numpy(),
+            schema.LABELS: labels[keep].numpy(),
+        }
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         ok = [i for i, e in enumerate(batch[schema.ERROR]) if not e]
-        detections = dict(zip(ok, self.predict([batch[schema.IMAGE][i] for i in ok]),
-                              strict=True))
+        detections = dict(
+            zip(ok, self.predict([batch[schema.IMAGE][i] for i in ok]), strict=True)
+        )
         rows = []
         for i in range(len(batch[schema.PATH])):
-            row = {k: batch[k][i] for k in (schema.PATH, schema.HEIGHT, schema.WIDTH,
-                                            schema.ERROR)}
+            row = {
+                k: batch[k][i]
+                for k in (schema.PATH, schema.HEIGHT, schema.WIDTH, schema.ERROR)
+            }
             rows.append({**row, **detections.get(i, schema.empty_detections())})
         return schema.candidates_table(rows)
 
 
-def _pool(inference: InferenceConfig) -> tuple[ray.data.ActorPoolStrategy, float, float]:
-    """Actor pool and per-actor resources from the cluster (or the config).
+@dataclass(frozen=True)
+class Pool:
+    """How the Predictor stage runs: actor count, resources and torch threads."""
 
-    With GPUs: one actor per GPU. Without: up to one per CPU, but ``min_size=1`` so
-    the CPU read/decode tasks always get a core (a fixed pool of 1-CPU actors on a
-    2-CPU machine starves the reader and hangs; see RAY-NOTES).
+    actors: int
+    num_gpus: float
+    num_threads: int
+
+
+def plan_pool(inference: InferenceConfig) -> Pool:
+    """Sizes the Predictor actor pool from the cluster (unless the config says).
+
+    With GPUs: one actor per GPU. CPU-only: one actor per node, reserving one CPU
+    (so the read/decode tasks always get cores; a pool that reserves every CPU starves
+    the reader and hangs, see RAY-NOTES) but running torch on all of the node's cores:
+    one multi-threaded forward pass is as fast as several single-threaded ones and
+    holds one model copy.
     """
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpus = sum(n.get("GPU", 0) for n in nodes)
     num_gpus = inference.num_gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if gpus >= 1 else 0.0
-    slots = gpus / num_gpus if num_gpus else resources.get("CPU", 1)
-    max_size = inference.num_actors or max(1, int(slots))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=max_size), num_gpus, 1.0
+    if num_gpus:
+        actors, threads = int(gpus / num_gpus), 1
+    else:
+        cpu_nodes = [n["CPU"] for n in nodes if n.get("CPU", 0) >= 1]
+        actors, threads = len(cpu_nodes), int(min(cpu_nodes, default=1))
+    return Pool(max(1, inference.num_actors or actors), num_gpus, threads)
 
 
-def predict_dataset(paths: Sequence[str], checkpoint: str, views: Sequence[ViewConfig],
-                    ensemble: EnsembleConfig, inference: InferenceConfig) -> ray.data.Dataset:
+def predict_dataset(
+    paths: Sequence[str],
+    checkpoint: str,
+    views: Sequence[ViewConfig],
+    ensemble: EnsembleConfig,
+    inference: InferenceConfig,
+) -> ray.data.Dataset:
     """The lazy Ray Dataset of candidates for ``paths`` (one row per path)."""
-    compute, num_gpus, num_cpus = _pool(inference)
+    pool = plan_pool(inference)
     ds = ray.data.read_binary_files(list(paths), include_paths=True)
     ds = ds.map_batches(decode_batch, batch_size=inference.batch_size)
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, views=list(views),
-                                   ensemble=ensemble, score_floor=inference.score_floor),
-        batch_size=inference.batch_size, compute=compute, num_gpus=num_gpus,
-        num_cpus=num_cpus,
+        fn_constructor_kwargs=dict(
+            checkpoint=checkpoint,
+            views=list(views),
+            ensemble=ensemble,
+            score_floor=inference.score_floor,
+            num_threads=pool.num_threads,
+        ),
+        batch_size=inference.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actors),
+        num_gpus=pool.num_gpus,
+        num_cpus=1,
     )
 
 
@@ -151,15 +205,21 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     out = Path(config.output_dir) / CANDIDATES_DIR
     shutil.rmtree(out, ignore_errors=True)
     paths = unlabeled_files(config.data.unlabeled)
-    logger.info("pseudo-labeling %d images with %d views", len(paths), len(config.views))
-    ds = predict_dataset(paths, teacher_checkpoint, config.views, config.ensemble,
-                         config.inference)
+    logger.info(
+        "pseudo-labeling %d images with %d views", len(paths), len(config.views)
+    )
+    ds = predict_dataset(
+        paths, teacher_checkpoint, config.views, config.ensemble, config.inference
+    )
     ds.write_parquet(str(out.resolve()))
     table = read_candidates(out)
     errors = table[table[schema.ERROR] != ""][[schema.PATH, schema.ERROR]]
     errors.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"}).to_csv(
-        Path(config.output_dir) / "errors.csv", index=False)
-    return PseudoLabelResult(str(out), len(table), len(errors), time.perf_counter() - start)
+        Path(config.output_dir) / "errors.csv", index=False
+    )
+    return PseudoLabelResult(
+        str(out), len(table), len(errors), time.perf_counter() - start
+    )
 
 
 def read_candidates(directory: str | Path) -> pd.DataFrame:

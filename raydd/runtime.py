@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Joins ``RAY_ADDRESS`` when set (``ray job submit`` sets it), else starts Ray here.
+    """Joins ``RAY_ADDRESS`` if set (``ray job submit`` sets it), else starts Ray here.
 
     Does nothing if Ray is already initialised in this process.
     """

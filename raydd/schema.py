@@ -71,7 +71,9 @@ def candidates_table(rows: list[dict[str, Any]]) -> pa.Table:
             float ``[N, 4]`` array, ``labels``/``scores`` are ``[N]`` arrays.
     """
     columns = {name: [row[name] for row in rows] for name in CANDIDATES_SCHEMA.names}
-    columns[BOXES] = [np.asarray(b, np.float32).reshape(-1, 4).tolist() for b in columns[BOXES]]
+    columns[BOXES] = [
+        np.asarray(b, np.float32).reshape(-1, 4).tolist() for b in columns[BOXES]
+    ]
     columns[LABELS] = [np.asarray(v, np.int64).tolist() for v in columns[LABELS]]
     columns[SCORES] = [np.asarray(v, np.float32).tolist() for v in columns[SCORES]]
     return pa.table(columns, schema=CANDIDATES_SCHEMA)
@@ -81,7 +83,9 @@ def detections_from_row(row: dict[str, Any]) -> dict[str, np.ndarray]:
     """Reads one candidates row (from Parquet via pandas/Ray) back into arrays."""
     boxes = row[BOXES]
     return {
-        BOXES: np.array([np.asarray(b, np.float32) for b in boxes], np.float32).reshape(-1, 4),
+        BOXES: np.array([np.asarray(b, np.float32) for b in boxes], np.float32).reshape(
+            -1, 4
+        ),
         LABELS: np.asarray(row[LABELS], np.int64).reshape(-1),
         SCORES: np.asarray(row[SCORES], np.float32).reshape(-1),
     }

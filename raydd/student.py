@@ -29,26 +29,36 @@ def pseudo_records(candidates: pd.DataFrame, threshold: float) -> list[Record]:
     for row in candidates[candidates[schema.ERROR] == ""].to_dict("records"):
         dets = schema.detections_from_row(row)
         keep = dets[schema.SCORES] >= threshold
-        records.append(Record(row[schema.PATH], dets[schema.BOXES][keep],
-                              dets[schema.LABELS][keep]))
+        records.append(
+            Record(
+                row[schema.PATH], dets[schema.BOXES][keep], dets[schema.LABELS][keep]
+            )
+        )
     return records
 
 
-def train_student(config: Config, candidates: pd.DataFrame, threshold: float,
-                  teacher_dir: str | Path) -> Path:
+def train_student(
+    config: Config, candidates: pd.DataFrame, threshold: float, teacher_dir: str | Path
+) -> Path:
     """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``."""
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
     pseudo = pseudo_records(candidates, threshold)
     cfg = config.student
     job = TrainJob(
-        model=config.model, train=cfg, categories=categories,
-        labeled=coco_records(config.data.labeled, categories), pseudo=pseudo,
+        model=config.model,
+        train=cfg,
+        categories=categories,
+        labeled=coco_records(config.data.labeled, categories),
+        pseudo=pseudo,
         labeled_share=cfg.labeled_share,
         init_from=str(teacher_dir) if cfg.init == "teacher" else None,
-        metadata={"role": "student", "init": cfg.init, "threshold": threshold,
-                  "pseudo_instances": int(sum(len(r.labels) for r in pseudo)),
-                  "config": to_dict(config)},
+        metadata={
+            "role": "student",
+            "init": cfg.init,
+            "threshold": threshold,
+            "pseudo_instances": int(sum(len(r.labels) for r in pseudo)),
+            "config": to_dict(config),
+        },
     )
     out = Path(config.output_dir)
     return fit(job, "student", out / "ray_train", out / STUDENT_DIR)
-

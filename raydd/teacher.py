@@ -15,7 +15,9 @@ def train_teacher(config: Config) -> Path:
     """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``."""
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
     job = TrainJob(
-        model=config.model, train=config.teacher, categories=categories,
+        model=config.model,
+        train=config.teacher,
+        categories=categories,
         labeled=coco_records(config.data.labeled, categories),
         metadata={"role": "teacher", "config": to_dict(config)},
     )

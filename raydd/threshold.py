@@ -32,12 +32,14 @@ def instances_per_image(scores: np.ndarray, num_images: int, threshold: float) -
     return float(np.count_nonzero(scores >= threshold)) / max(num_images, 1)
 
 
-def _trial(params: dict[str, Any], scores: np.ndarray, num_images: int,
-           target: float) -> None:
+def _trial(
+    params: dict[str, Any], scores: np.ndarray, num_images: int, target: float
+) -> None:
     threshold = float(params["threshold"])
     mean = instances_per_image(scores, num_images, threshold)
-    tune.report({"threshold": threshold, "instances_per_image": mean,
-                 "gap": abs(mean - target)})
+    tune.report(
+        {"threshold": threshold, "instances_per_image": mean, "gap": abs(mean - target)}
+    )
 
 
 def _search_space(cfg: ThresholdConfig) -> tuple[dict[str, Any], tune.TuneConfig]:
@@ -49,8 +51,11 @@ def _search_space(cfg: ThresholdConfig) -> tuple[dict[str, Any], tune.TuneConfig
 
     searcher = OptunaSearch(metric="gap", mode="min", seed=0)
     space = {"threshold": tune.uniform(cfg.low, cfg.high)}
-    return space, tune.TuneConfig(search_alg=searcher, num_samples=cfg.num_samples,
-                                  max_concurrent_trials=cfg.max_concurrent_trials)
+    return space, tune.TuneConfig(
+        search_alg=searcher,
+        num_samples=cfg.num_samples,
+        max_concurrent_trials=cfg.max_concurrent_trials,
+    )
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,12 @@ class ThresholdResult:
     trials: int
 
 
-def search_threshold(candidates: pd.DataFrame, target: float, cfg: ThresholdConfig,
-                     storage_path: str | Path) -> ThresholdResult:
+def search_threshold(
+    candidates: pd.DataFrame,
+    target: float,
+    cfg: ThresholdConfig,
+    storage_path: str | Path,
+) -> ThresholdResult:
     """Finds ``t`` minimising ``|instances_per_image(t) - target|`` with Ray Tune.
 
     Args:
@@ -76,20 +85,28 @@ def search_threshold(candidates: pd.DataFrame, target: float, cfg: ThresholdConf
     Ties (counts are step functions of ``t``) go to the lowest threshold.
     """
     ok = candidates[candidates[schema.ERROR] == ""]
-    scores = np.concatenate([np.zeros(0, np.float32), *map(np.asarray, ok[schema.SCORES])])
+    scores = np.concatenate(
+        [np.zeros(0, np.float32), *map(np.asarray, ok[schema.SCORES])]
+    )
     space, tune_config = _search_space(cfg)
     tuner = tune.Tuner(
         tune.with_resources(
-            tune.with_parameters(_trial, scores=scores, num_images=len(ok), target=target),
-            {"CPU": 0.5}),
-        param_space=space, tune_config=tune_config,
-        run_config=tune.RunConfig(name="threshold", storage_path=str(Path(storage_path).resolve()),
-                                  verbose=0),
+            tune.with_parameters(
+                _trial, scores=scores, num_images=len(ok), target=target
+            ),
+            {"CPU": 0.5},
+        ),
+        param_space=space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name="threshold", storage_path=str(Path(storage_path).resolve()), verbose=0
+        ),
     )
     frame = tuner.fit().get_dataframe()
     best = frame.sort_values(["gap", "threshold"]).iloc[0]
-    return ThresholdResult(float(best["threshold"]), target,
-                           float(best["instances_per_image"]), len(frame))
+    return ThresholdResult(
+        float(best["threshold"]), target, float(best["instances_per_image"]), len(frame)
+    )
 
 
 def save_threshold(result: ThresholdResult, output_dir: str | Path) -> Path:
@@ -99,4 +116,6 @@ def save_threshold(result: ThresholdResult, output_dir: str | Path) -> Path:
 
 
 def load_threshold(output_dir: str | Path) -> ThresholdResult:
-    return ThresholdResult(**json.loads((Path(output_dir) / THRESHOLD_FILE).read_text()))
+    return ThresholdResult(
+        **json.loads((Path(output_dir) / THRESHOLD_FILE).read_text())
+    )

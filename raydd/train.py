@@ -60,12 +60,23 @@ class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
     resumes at ``start_step`` continues with exactly the batches it would have seen.
     """
 
-    def __init__(self, num_labeled: int, num_pseudo: int, batch_size: int,
-                 labeled_share: float, steps: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        num_labeled: int,
+        num_pseudo: int,
+        batch_size: int,
+        labeled_share: float,
+        steps: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> None:
         if num_labeled == 0:
             raise ValueError("the labeled set is empty")
-        self.n_labeled = batch_size if num_pseudo == 0 else round(batch_size * labeled_share)
+        self.n_labeled = (
+            batch_size if num_pseudo == 0 else round(batch_size * labeled_share)
+        )
         self.n_pseudo = batch_size - self.n_labeled
         self.num_labeled, self.num_pseudo = num_labeled, num_pseudo
         self.steps, self.seed, self.start_step = steps, seed, start_step
@@ -77,9 +88,18 @@ class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start_step, self.steps):
             g = step * self.world_size + self.rank
-            labeled = _stream(self.num_labeled, self.seed, g * self.n_labeled, self.n_labeled)
-            pseudo = [self.num_labeled + i for i in _stream(
-                max(self.num_pseudo, 1), self.seed + 1, g * self.n_pseudo, self.n_pseudo)]
+            labeled = _stream(
+                self.num_labeled, self.seed, g * self.n_labeled, self.n_labeled
+            )
+            pseudo = [
+                self.num_labeled + i
+                for i in _stream(
+                    max(self.num_pseudo, 1),
+                    self.seed + 1,
+                    g * self.n_pseudo,
+                    self.n_pseudo,
+                )
+            ]
             yield labeled + pseudo
 
 
@@ -110,8 +130,11 @@ class TrainJob:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+def _restore(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> int:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
@@ -124,22 +147,43 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return int(state["step"])
 
 
-def _report(job: TrainJob, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, resumed_from: int,
-            metrics: dict[str, float]) -> None:
+def _report(
+    job: TrainJob,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    resumed_from: int,
+    metrics: dict[str, float],
+) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_detector(d, model, job.model, job.categories, step=step,
-                      resumed_from=resumed_from, **job.metadata)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step}, Path(d) / TRAIN_STATE_FILE)
+        save_detector(
+            d,
+            model,
+            job.model,
+            job.categories,
+            step=step,
+            resumed_from=resumed_from,
+            **job.metadata,
+        )
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+            },
+            Path(d) / TRAIN_STATE_FILE,
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _build(job: TrainJob) -> torch.nn.Module:
-    model = build_model(job.model, job.categories.num_classes, pretrained=job.init_from is None)
+    model = build_model(
+        job.model, job.categories.num_classes, pretrained=job.init_from is None
+    )
     if job.init_from is not None:
         state = torch.load(Path(job.init_from) / MODEL_FILE, weights_only=True)
         model.load_state_dict(state)
@@ -156,19 +200,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if not cfg.use_gpu:
         torch.set_num_threads(cfg.cpus_per_worker)
     model = _build(job)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, config=cfg))
+        optimizer, functools.partial(lr_factor, config=cfg)
+    )
     start = _restore(model, optimizer, scheduler)
     ddp_model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    dataset = ConcatDataset([DetectionDataset(job.labeled, cfg.hflip_prob),
-                             DetectionDataset(job.pseudo, cfg.hflip_prob)])
-    sampler = MixedBatchSampler(len(job.labeled), len(job.pseudo), cfg.batch_size,
-                                job.labeled_share, cfg.iterations, cfg.seed, rank, world,
-                                start)
+    dataset = ConcatDataset(
+        [
+            DetectionDataset(job.labeled, cfg.hflip_prob),
+            DetectionDataset(job.pseudo, cfg.hflip_prob),
+        ]
+    )
+    sampler = MixedBatchSampler(
+        len(job.labeled),
+        len(job.pseudo),
+        cfg.batch_size,
+        job.labeled_share,
+        cfg.iterations,
+        cfg.seed,
+        rank,
+        world,
+        start,
+    )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
     ddp_model.train()
     step, losses, tic = start, [], time.perf_counter()
@@ -185,9 +245,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         losses.append(loss.item())
         if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
             seconds = time.perf_counter() - tic
-            metrics = {"step": step, "loss": float(np.mean(losses)),
-                       "lr": scheduler.get_last_lr()[0],
-                       "images_per_s": len(losses) * cfg.batch_size * world / seconds}
+            metrics = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "lr": scheduler.get_last_lr()[0],
+                "images_per_s": len(losses) * cfg.batch_size * world / seconds,
+            }
             logger.info("step %d/%d %s", step, cfg.iterations, metrics)
             _report(job, model, optimizer, scheduler, step, start, metrics)
             losses, tic = [], time.perf_counter()
@@ -195,7 +258,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _report(job, model, optimizer, scheduler, step, start, {"step": step})
 
 
-def fit(job: TrainJob, name: str, storage_path: str | Path, export_to: str | Path) -> Path:
+def fit(
+    job: TrainJob, name: str, storage_path: str | Path, export_to: str | Path
+) -> Path:
     """Runs :func:`train_loop` on Ray Train and exports the final detector.
 
     Args:
@@ -213,11 +278,15 @@ def fit(job: TrainJob, name: str, storage_path: str | Path, export_to: str | Pat
         train_loop,
         train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker}),
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=_absolute(storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            name=name,
+            storage_path=_absolute(storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:

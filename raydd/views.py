@@ -64,7 +64,9 @@ class View:
             boxes = hflip_boxes(boxes, self.output_size(height, width)[1])
         return boxes
 
-    def invert_boxes(self, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def invert_boxes(
+        self, boxes: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
         """Maps xyxy boxes predicted on the view back to the original image."""
         if self.hflip:
             boxes = hflip_boxes(boxes, self.output_size(height, width)[1])

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per session, a tiny real demo dataset, a tiny teacher."""
+"""Shared fixtures: one local Ray per session, a tiny real demo dataset, weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 TINY_MODEL = {
     "min_size": [128],
     "max_size": 128,
-    "kwargs": {"anchor_sizes": [[16], [32], [64], [128]], "rpn_post_nms_top_n_test": 100},
+    "kwargs": {
+        "anchor_sizes": [[16], [32], [64], [128]],
+        "rpn_post_nms_top_n_test": 100,
+    },
 }
 
 
@@ -45,19 +48,35 @@ def tiny_config(demo: Path, out: Path, weights: str, **sections) -> dict:
     """A raw config dict for a run that takes seconds on the tiny demo data."""
     raw = {
         "data": {
-            "labeled": {"annotations": str(demo / "labeled.json"),
-                        "images": str(demo / "labeled")},
+            "labeled": {
+                "annotations": str(demo / "labeled.json"),
+                "images": str(demo / "labeled"),
+            },
             "unlabeled": {"images": str(demo / "unlabeled")},
-            "test": {"annotations": str(demo / "test.json"), "images": str(demo / "test")},
+            "test": {
+                "annotations": str(demo / "test.json"),
+                "images": str(demo / "test"),
+            },
         },
         "output_dir": str(out),
         "model": {**TINY_MODEL, "backbone_weights": weights},
-        "teacher": {"iterations": 4, "batch_size": 2, "checkpoint_every": 2,
-                    "warmup_iterations": 2, "cpus_per_worker": 2, "hflip_prob": 0.0},
+        "teacher": {
+            "iterations": 4,
+            "batch_size": 2,
+            "checkpoint_every": 2,
+            "warmup_iterations": 2,
+            "cpus_per_worker": 2,
+            "hflip_prob": 0.0,
+        },
         "views": [{}, {"scale": 160}, {"hflip": True}],
         "threshold": {"num_samples": 6},
-        "student": {"iterations": 4, "batch_size": 5, "checkpoint_every": 2,
-                    "warmup_iterations": 2, "cpus_per_worker": 2},
+        "student": {
+            "iterations": 4,
+            "batch_size": 5,
+            "checkpoint_every": 2,
+            "warmup_iterations": 2,
+            "cpus_per_worker": 2,
+        },
     }
     raw.update(sections)
     return raw

@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_config
 
 from raydd.config import ConfigError, StudentConfig, ViewConfig, load_config
-
-from conftest import tiny_config
 
 
 def write(tmp_path: Path, raw: dict) -> Path:
@@ -16,8 +15,9 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 def test_loads_and_overrides(tmp_path, demo_dir, weights):
     path = write(tmp_path, tiny_config(demo_dir, tmp_path / "out", weights))
-    config = load_config(path, ["student.labeled_share=0.8", "views=[{scale: 64}]",
-                                "teacher.lr=1"])
+    config = load_config(
+        path, ["student.labeled_share=0.8", "views=[{scale: 64}]", "teacher.lr=1"]
+    )
     assert config.student.labeled_share == 0.8
     assert isinstance(config.student, StudentConfig)
     assert config.views == (ViewConfig(scale=64),)
@@ -25,22 +25,43 @@ def test_loads_and_overrides(tmp_path, demo_dir, weights):
     assert config.model.min_size == (128,)
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda r: r["data"].pop("test"), "missing required key data.test"),
-    (lambda r: r["data"]["labeled"].update(annotations="/nope.json"),
-     "data.labeled.annotations: no such file: /nope.json"),
-    (lambda r: r["data"]["unlabeled"].update(images="/nope/*.png"),
-     "data.unlabeled.images matches no files"),
-    (lambda r: r["model"].update(name="yolo"), "model.name: unknown model 'yolo'"),
-    (lambda r: r["model"].update(backbone_weights="/w.pth"),
-     "model.backbone_weights: no such file"),
-    (lambda r: r.update(views=[{"scale": 64, "rotate": 90}]), "unknown key views\\[0\\].rotate"),
-    (lambda r: r.update(views=[{"scale": -1}]), "views\\[0\\].scale must be a positive"),
-    (lambda r: r["teacher"].update(iterations="many"), "teacher.iterations must be int"),
-    (lambda r: r.update(ensemble={"method": "vote"}), "unknown fusion method 'vote'"),
-    (lambda r: r["student"].update(init="imagenet"), "student.init must be"),
-    (lambda r: r.update(colour="red"), "unknown key colour"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda r: r["data"].pop("test"), "missing required key data.test"),
+        (
+            lambda r: r["data"]["labeled"].update(annotations="/nope.json"),
+            "data.labeled.annotations: no such file: /nope.json",
+        ),
+        (
+            lambda r: r["data"]["unlabeled"].update(images="/nope/*.png"),
+            "data.unlabeled.images matches no files",
+        ),
+        (lambda r: r["model"].update(name="yolo"), "model.name: unknown model 'yolo'"),
+        (
+            lambda r: r["model"].update(backbone_weights="/w.pth"),
+            "model.backbone_weights: no such file",
+        ),
+        (
+            lambda r: r.update(views=[{"scale": 64, "rotate": 90}]),
+            "unknown key views\\[0\\].rotate",
+        ),
+        (
+            lambda r: r.update(views=[{"scale": -1}]),
+            "views\\[0\\].scale must be a positive",
+        ),
+        (
+            lambda r: r["teacher"].update(iterations="many"),
+            "teacher.iterations must be int",
+        ),
+        (
+            lambda r: r.update(ensemble={"method": "vote"}),
+            "unknown fusion method 'vote'",
+        ),
+        (lambda r: r["student"].update(init="imagenet"), "student.init must be"),
+        (lambda r: r.update(colour="red"), "unknown key colour"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, demo_dir, weights, change, message):
     raw = tiny_config(demo_dir, tmp_path / "out", weights)
     change(raw)

@@ -10,7 +10,9 @@ from raydd.data.demo import DemoSizes, write_demo_dataset
 def test_boxes_and_masks_are_exact(demo_dir):
     coco = json.loads((demo_dir / "labeled.json").read_text())
     assert len(coco["images"]) == 8 and len(coco["categories"]) == 10
-    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=9)[1:]
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]], minlength=9)[
+        1:
+    ]
     assert per_image.min() >= 1 and per_image.max() <= 5
     for ann in coco["annotations"]:
         mask = mask_utils.decode(ann["segmentation"]).astype(bool)
@@ -32,5 +34,6 @@ def test_same_seed_same_data(tmp_path):
     a = write_demo_dataset(tmp_path / "a", seed=5, sizes=sizes)
     b = write_demo_dataset(tmp_path / "b", seed=5, sizes=sizes)
     assert (a / "labeled.json").read_text() == (b / "labeled.json").read_text()
-    assert ((a / "test" / "test_00001.png").read_bytes()
-            == (b / "test" / "test_00001.png").read_bytes())
+    assert (a / "test" / "test_00001.png").read_bytes() == (
+        b / "test" / "test_00001.png"
+    ).read_bytes()

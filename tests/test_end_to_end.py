@@ -4,16 +4,22 @@ import json
 
 import pytest
 import yaml
+from conftest import tiny_config
 
 from raydd.checkpoint import read_metadata
 from raydd.cli import build_parser, main
 
-from conftest import tiny_config
-
 pytestmark = pytest.mark.slow
 
-SUBCOMMANDS = ["demo-data", "train-teacher", "pseudo-label", "tune-threshold",
-               "train-student", "evaluate", "run"]
+SUBCOMMANDS = [
+    "demo-data",
+    "train-teacher",
+    "pseudo-label",
+    "tune-threshold",
+    "train-student",
+    "evaluate",
+    "run",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -33,11 +39,20 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
         assert set(summary[model]) == {"AP", "AP50", "AP75"}
         assert all(0.0 <= v <= 1.0 for v in summary[model].values())
     assert 0.0 <= summary["threshold"] <= 1.0
-    assert summary["images"] == {"labeled": 8, "unlabeled": 10, "pseudo_labeled": 10,
-                                 "errors": 0}
+    assert summary["images"] == {
+        "labeled": 8,
+        "unlabeled": 10,
+        "pseudo_labeled": 10,
+        "errors": 0,
+    }
     assert summary["instances_per_image"]["labeled"] > 1.0
-    assert set(summary["seconds"]) == {"teacher", "pseudo_label", "threshold", "student",
-                                       "evaluate"}
+    assert set(summary["seconds"]) == {
+        "teacher",
+        "pseudo_label",
+        "threshold",
+        "student",
+        "evaluate",
+    }
     student = read_metadata(tmp_path / "out" / "student")
     assert student["init"] == "pretrained" and student["step"] == 4
     assert student["config"]["student"]["labeled_share"] == 0.4
@@ -59,12 +74,14 @@ def test_bad_config_stops_before_any_work(tmp_path, demo_dir, weights, capsys):
     config.write_text(yaml.safe_dump(raw))
     assert main(["run", str(config)]) == 2
     assert f"data.test.images: no such directory: {tmp_path / 'missing'}" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()
 
 
-def test_step_without_its_input_says_which_step_to_run(ray_local, tmp_path, demo_dir,
-                                                       weights, capsys):
+def test_step_without_its_input_says_which_step_to_run(
+    ray_local, tmp_path, demo_dir, weights, capsys
+):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
     assert main(["pseudo-label", str(config)]) == 2

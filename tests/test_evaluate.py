@@ -9,13 +9,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from raydd import schema
-from raydd.data.coco import Categories, coco_records, load_coco
 from raydd.config import CocoSplit
+from raydd.data.coco import Categories, coco_records, load_coco
 from raydd.evaluate import coco_metrics, coco_results
 
 
 def noisy_predictions(demo_dir, seed=0) -> pd.DataFrame:
-    """Ground truth with jittered boxes, random scores, some misses and some false hits."""
+    """Ground truth with jittered boxes, random scores, some misses, some false hits."""
     rng = np.random.default_rng(seed)
     split = CocoSplit(str(demo_dir / "test.json"), str(demo_dir / "test"))
     categories = Categories.from_coco(load_coco(split.annotations))
@@ -27,8 +27,14 @@ def noisy_predictions(demo_dir, seed=0) -> pd.DataFrame:
         fake = rng.uniform(0, 90, (2, 2))
         boxes = np.concatenate([boxes, np.hstack([fake, fake + 30])]).astype(np.float32)
         labels = np.concatenate([labels, rng.integers(1, 11, 2)])
-        rows.append({schema.PATH: record.path, schema.BOXES: boxes, schema.LABELS: labels,
-                     schema.SCORES: rng.random(len(labels)).astype(np.float32)})
+        rows.append(
+            {
+                schema.PATH: record.path,
+                schema.BOXES: boxes,
+                schema.LABELS: labels,
+                schema.SCORES: rng.random(len(labels)).astype(np.float32),
+            }
+        )
     return pd.DataFrame(rows), split, categories
 
 
@@ -51,13 +57,23 @@ def test_metrics_equal_a_direct_pycocotools_run(demo_dir, tmp_path):
 def test_perfect_predictions_score_one(demo_dir):
     split = CocoSplit(str(demo_dir / "test.json"), str(demo_dir / "test"))
     categories = Categories.from_coco(load_coco(split.annotations))
-    frame = pd.DataFrame([{schema.PATH: r.path, schema.BOXES: r.boxes,
-                           schema.LABELS: r.labels,
-                           schema.SCORES: np.ones(len(r.labels), np.float32)}
-                          for r in coco_records(split, categories)])
+    frame = pd.DataFrame(
+        [
+            {
+                schema.PATH: r.path,
+                schema.BOXES: r.boxes,
+                schema.LABELS: r.labels,
+                schema.SCORES: np.ones(len(r.labels), np.float32),
+            }
+            for r in coco_records(split, categories)
+        ]
+    )
     coco = load_coco(split.annotations)
     assert coco_metrics(coco, coco_results(frame, coco, split.images, categories)) == {
-        "AP": pytest.approx(1.0), "AP50": pytest.approx(1.0), "AP75": pytest.approx(1.0)}
+        "AP": pytest.approx(1.0),
+        "AP50": pytest.approx(1.0),
+        "AP75": pytest.approx(1.0),
+    }
 
 
 def test_no_detections_score_zero(demo_dir):
@@ -67,9 +83,15 @@ def test_no_detections_score_zero(demo_dir):
 
 def test_categories_map_non_contiguous_ids():
     coco = COCO()
-    coco.dataset = {"images": [], "annotations": [],
-                    "categories": [{"id": 7, "name": "b"}, {"id": 3, "name": "a"},
-                                   {"id": 90, "name": "c"}]}
+    coco.dataset = {
+        "images": [],
+        "annotations": [],
+        "categories": [
+            {"id": 7, "name": "b"},
+            {"id": 3, "name": "a"},
+            {"id": 90, "name": "c"},
+        ],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     cats = Categories.from_coco(coco)

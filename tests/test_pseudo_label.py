@@ -3,6 +3,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from raydd import schema
 from raydd.checkpoint import save_detector
@@ -11,8 +12,6 @@ from raydd.data.coco import Categories
 from raydd.data.images import load_rgb
 from raydd.models import build_model
 from raydd.pseudo_label import Predictor, predict_dataset
-
-from conftest import TINY_MODEL
 
 VIEWS = [ViewConfig(), ViewConfig(scale=160), ViewConfig(hflip=True)]
 
@@ -24,15 +23,16 @@ def checkpoint(tmp_path_factory, weights):
     config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
     model = build_model(config, num_classes=11)
     path = tmp_path_factory.mktemp("ckpt")
-    save_detector(path, model, config, Categories(tuple(range(1, 11)),
-                                                  tuple(map(str, range(10)))))
+    save_detector(
+        path, model, config, Categories(tuple(range(1, 11)), tuple(map(str, range(10))))
+    )
     return str(path)
 
 
 def test_views_are_mapped_back_into_the_original_image(checkpoint, demo_dir):
     images = [load_rgb(str(p)) for p in sorted((demo_dir / "test").glob("*.png"))[:2]]
     predictor = Predictor(checkpoint, VIEWS, EnsembleConfig(max_detections=50))
-    for image, dets in zip(images, predictor.predict(images)):
+    for image, dets in zip(images, predictor.predict(images), strict=True):
         boxes = dets[schema.BOXES]
         assert 0 < len(boxes) <= 50
         assert boxes.dtype == np.float32 and boxes.shape[1] == 4
@@ -52,16 +52,22 @@ def test_single_identity_view_is_the_model_output(checkpoint, demo_dir):
     np.testing.assert_allclose(ours[schema.BOXES], direct["boxes"].numpy(), atol=1e-4)
 
 
-def test_pipeline_writes_one_row_per_image_even_bad_or_empty(ray_local, checkpoint, demo_dir,
-                                                             tmp_path):
+def test_pipeline_writes_one_row_per_image_even_bad_or_empty(
+    ray_local, checkpoint, demo_dir, tmp_path
+):
     paths = sorted(str(p) for p in (demo_dir / "unlabeled").glob("*.png"))
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG not really")
     shutil.copy(paths[0], tmp_path / "copy.png")
     paths += [str(corrupt), str(tmp_path / "copy.png")]
     for floor, expect_boxes in ((0.0, True), (1.01, False)):
-        frame = predict_dataset(paths, checkpoint, VIEWS, EnsembleConfig(),
-                                InferenceConfig(batch_size=4, score_floor=floor)).to_pandas()
+        frame = predict_dataset(
+            paths,
+            checkpoint,
+            VIEWS,
+            EnsembleConfig(),
+            InferenceConfig(batch_size=4, score_floor=floor),
+        ).to_pandas()
         assert sorted(frame[schema.PATH]) == sorted(paths)
         bad = frame[frame[schema.PATH] == str(corrupt)].iloc[0]
         assert bad[schema.ERROR] and len(bad[schema.BOXES]) == 0

@@ -3,8 +3,13 @@ import torch
 
 from raydd.views import View, hflip_boxes
 
-VIEWS = [View(), View(hflip=True), View(scale=64), View(scale=200, hflip=True),
-         View(scale=97)]
+VIEWS = [
+    View(),
+    View(hflip=True),
+    View(scale=64),
+    View(scale=200, hflip=True),
+    View(scale=97),
+]
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.name)
@@ -15,7 +20,9 @@ def test_invert_undoes_apply_on_boxes(view):
 
 
 def test_invert_of_empty_boxes_is_empty():
-    assert View(scale=64, hflip=True).invert_boxes(torch.zeros(0, 4), 80, 120).shape == (0, 4)
+    assert View(scale=64, hflip=True).invert_boxes(
+        torch.zeros(0, 4), 80, 120
+    ).shape == (0, 4)
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v.name)

@@ -56,7 +56,7 @@ class Categories:
 
 @dataclass(frozen=True)
 class Record:
-    """One training image: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels`` ``[N]``."""
+    """One training image: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels [N]``."""
 
     path: str
     boxes: np.ndarray
@@ -64,16 +64,20 @@ class Record:
 
 
 def coco_records(split: CocoSplit, categories: Categories) -> list[Record]:
-    """Every image of a COCO split (zero-annotation images included), crowds left out."""
+    """Every image of a COCO split (images without annotations too), minus crowds."""
     coco = load_coco(split.annotations)
     records = []
     for image_id in sorted(coco.getImgIds()):
         info = coco.loadImgs(image_id)[0]
         anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
         anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(
+            -1, 4
+        )
         boxes = box_convert(xywh, "xywh", "xyxy").numpy()
-        labels = np.array([categories.to_label(a["category_id"]) for a in anns], np.int64)
+        labels = np.array(
+            [categories.to_label(a["category_id"]) for a in anns], np.int64
+        )
         path = os.path.join(split.images, info["file_name"])
         records.append(Record(path, boxes, labels))
     return records
@@ -102,16 +106,24 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self.records[index]
-        image = F.to_dtype(torch.from_numpy(load_rgb(record.path)).permute(2, 0, 1),
-                           torch.float32, scale=True)
+        image = F.to_dtype(
+            torch.from_numpy(load_rgb(record.path)).permute(2, 0, 1),
+            torch.float32,
+            scale=True,
+        )
         boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
         if self.hflip_prob and torch.rand(()) < self.hflip_prob:
             image, boxes = image.flip(-1), hflip_boxes(boxes, image.shape[-1])
-        target = {"boxes": boxes, "labels": torch.tensor(record.labels, dtype=torch.int64)}
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor(record.labels, dtype=torch.int64),
+        }
         return image, target
 
 
-def collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+def collate(
+    batch: list[Any],
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     """Keeps images and targets as lists (torchvision detectors take ragged sizes)."""
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)

@@ -39,30 +39,52 @@ def _load_sources() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
 
     pixels, digits = mnist_data()
     textures = [getattr(skdata, name)() for name in TEXTURES]
-    return pixels.reshape(-1, 28, 28).astype(np.uint8), digits.astype(np.int64), textures
+    return (
+        pixels.reshape(-1, 28, 28).astype(np.uint8),
+        digits.astype(np.int64),
+        textures,
+    )
 
 
-def _background(rng: np.random.Generator, textures: list[np.ndarray], size: int) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, textures: list[np.ndarray], size: int
+) -> np.ndarray:
     texture = textures[rng.integers(len(textures))]
     crop = int(rng.integers(size, min(texture.shape) + 1))
-    y, x = rng.integers(0, texture.shape[0] - crop + 1), rng.integers(0, texture.shape[1] - crop + 1)
-    gray = Image.fromarray(texture[y:y + crop, x:x + crop]).resize((size, size), Image.BILINEAR)
+    y, x = (
+        rng.integers(0, texture.shape[0] - crop + 1),
+        rng.integers(0, texture.shape[1] - crop + 1),
+    )
+    gray = Image.fromarray(texture[y : y + crop, x : x + crop]).resize(
+        (size, size), Image.BILINEAR
+    )
     tint = rng.uniform(0.5, 1.0, size=3)
     return np.asarray(gray, np.float32)[..., None] * tint
 
 
-def _place(rng: np.random.Generator, size: int, taken: list[tuple[int, int, int, int]],
-           side: int) -> tuple[int, int] | None:
+def _place(
+    rng: np.random.Generator,
+    size: int,
+    taken: list[tuple[int, int, int, int]],
+    side: int,
+) -> tuple[int, int] | None:
     for _ in range(50):
         x, y = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-        if all(x + side <= a or a + c <= x or y + side <= b or b + d <= y
-               for a, b, c, d in taken):
+        if all(
+            x + side <= a or a + c <= x or y + side <= b or b + d <= y
+            for a, b, c, d in taken
+        ):
             return x, y
     return None
 
 
-def _canvas(rng: np.random.Generator, pool: np.ndarray, pixels: np.ndarray,
-            textures: list[np.ndarray], sizes: DemoSizes):
+def _canvas(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    pixels: np.ndarray,
+    textures: list[np.ndarray],
+    sizes: DemoSizes,
+):
     """One canvas: RGB uint8 image and its instances (digit class, full-size mask)."""
     image = _background(rng, textures, sizes.canvas)
     instances, taken = [], []
@@ -73,14 +95,19 @@ def _canvas(rng: np.random.Generator, pool: np.ndarray, pixels: np.ndarray,
             continue
         x, y = spot
         index = int(pool[rng.integers(len(pool))])
-        alpha = np.asarray(Image.fromarray(pixels[index]).resize((side, side), Image.BILINEAR),
-                           np.float32) / 255.0
+        alpha = (
+            np.asarray(
+                Image.fromarray(pixels[index]).resize((side, side), Image.BILINEAR),
+                np.float32,
+            )
+            / 255.0
+        )
         mask = np.zeros((sizes.canvas, sizes.canvas), bool)
-        mask[y:y + side, x:x + side] = alpha > 0.5
+        mask[y : y + side, x : x + side] = alpha > 0.5
         if mask.sum() < 4:
             continue
         color = rng.uniform(0, 255, size=3)
-        region = image[y:y + side, x:x + side]
+        region = image[y : y + side, x : x + side]
         region[:] = region * (1 - alpha[..., None]) + color * alpha[..., None]
         taken.append((x, y, side, side))
         instances.append((index, mask))
@@ -93,13 +120,27 @@ def _annotation(ann_id: int, image_id: int, digit: int, mask: np.ndarray) -> dic
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
-    return {"id": ann_id, "image_id": image_id, "category_id": digit + 1,
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()),
-            "segmentation": rle, "iscrowd": 0}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": digit + 1,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "area": int(mask.sum()),
+        "segmentation": rle,
+        "iscrowd": 0,
+    }
 
 
-def _write_split(out: Path, name: str, count: int, pool: np.ndarray, rng: np.random.Generator,
-                 sources, sizes: DemoSizes, annotated: bool) -> None:
+def _write_split(
+    out: Path,
+    name: str,
+    count: int,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    sources,
+    sizes: DemoSizes,
+    annotated: bool,
+) -> None:
     pixels, digits, textures = sources
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,21 +149,30 @@ def _write_split(out: Path, name: str, count: int, pool: np.ndarray, rng: np.ran
         image, instances = _canvas(rng, pool, pixels, textures, sizes)
         file_name = f"{name}_{image_id:05d}.png"
         Image.fromarray(image).save(folder / file_name)
-        images.append({"id": image_id, "file_name": file_name,
-                       "height": sizes.canvas, "width": sizes.canvas})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "height": sizes.canvas,
+                "width": sizes.canvas,
+            }
+        )
         for index, mask in instances:
-            annotations.append(_annotation(len(annotations) + 1, image_id,
-                                           int(digits[index]), mask))
+            annotations.append(
+                _annotation(len(annotations) + 1, image_id, int(digits[index]), mask)
+            )
     if annotated:
-        categories = [{"id": d + 1, "name": str(d), "supercategory": "digit"}
-                      for d in range(10)]
+        categories = [
+            {"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)
+        ]
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (out / f"{name}.json").write_text(json.dumps(coco))
 
 
-def write_demo_dataset(out_dir: str | Path, seed: int = 0,
-                       sizes: DemoSizes = DemoSizes()) -> Path:
-    """Writes ``labeled/``, ``unlabeled/``, ``test/`` PNGs and COCO JSONs into ``out_dir``.
+def write_demo_dataset(
+    out_dir: str | Path, seed: int = 0, sizes: DemoSizes = DemoSizes()
+) -> Path:
+    """Writes the three splits (PNG + COCO JSON) into ``out_dir``.
 
     Returns:
         ``out_dir`` as a path. Layout: ``labeled.json`` + ``labeled/``, ``test.json`` +
@@ -132,8 +182,20 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0,
     sources = _load_sources()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(sources[0]))
-    pools = {"test": order[:1000], "labeled": order[1000:2000], "unlabeled": order[2000:]}
+    pools = {
+        "test": order[:1000],
+        "labeled": order[1000:2000],
+        "unlabeled": order[2000:],
+    }
     for name in ("labeled", "unlabeled", "test"):
-        _write_split(out, name, getattr(sizes, name), pools[name], rng, sources, sizes,
-                     annotated=name != "unlabeled")
+        _write_split(
+            out,
+            name,
+            getattr(sizes, name),
+            pools[name],
+            rng,
+            sources,
+            sizes,
+            annotated=name != "unlabeled",
+        )
     return out

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-    """Rotates as a viewer would (EXIF orientation) and converts to ``uint8 [H, W, 3]``."""
+    """Rotates as a viewer would (EXIF orientation); returns ``uint8 [H, W, 3]`` RGB."""
     image = ImageOps.exif_transpose(image)
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
 
