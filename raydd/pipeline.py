@@ -42,13 +42,17 @@ def single_view(config: Config) -> tuple[ViewConfig, ...]:
 
 
 def evaluate_all(config: Config, teacher: Path, student: Path) -> dict[str, Any]:
-    run = lambda ckpt, views: evaluate_checkpoint(  # noqa: E731
-        str(ckpt), config.data.test, views, config.ensemble, config.inference
-    )
+    """COCO AP of the teacher (one view), the teacher with all views, the student."""
+    runs = {
+        "teacher": (teacher, single_view(config)),
+        "teacher_views": (teacher, config.views),
+        "student": (student, single_view(config)),
+    }
     return {
-        "teacher": run(teacher, single_view(config)),
-        "teacher_views": run(teacher, config.views),
-        "student": run(student, single_view(config)),
+        name: evaluate_checkpoint(
+            str(ckpt), config.data.test, views, config.ensemble, config.inference
+        )
+        for name, (ckpt, views) in runs.items()
     }
 
 
@@ -66,8 +70,8 @@ def run_distillation(config: Config) -> dict[str, Any]:
         return result
 
     teacher = timed("teacher", train_teacher, config)
-    labeled = timed("pseudo_label", pseudo_label, config, str(teacher))
-    candidates = read_candidates(labeled.candidates)
+    labeling = timed("pseudo_label", pseudo_label, config, str(teacher))
+    candidates = read_candidates(labeling.candidates)
     labeled_set = labeled_records(config)
     target = instances_per_image(labeled_set)
     threshold = timed(
@@ -93,9 +97,9 @@ def run_distillation(config: Config) -> dict[str, Any]:
         },
         "images": {
             "labeled": len(labeled_set),
-            "unlabeled": labeled.images,
-            "pseudo_labeled": len(pseudo),
-            "errors": labeled.errors,
+            "unlabeled": labeling.images,
+            "pseudo_labeled": len(pseudo),  # readable images the student trained on
+            "errors": labeling.errors,
         },
         "seconds": seconds,
     }

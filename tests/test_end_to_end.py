@@ -86,3 +86,49 @@ def test_step_without_its_input_says_which_step_to_run(
     config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
     assert main(["pseudo-label", str(config)]) == 2
     assert "run `raydd train-teacher` first" in capsys.readouterr().err
+
+
+def test_zero_detections_flow_through_every_step(
+    ray_local, demo_dir, weights, tmp_path
+):
+    # A score floor above 1 leaves every image without detections: the threshold
+    # search, the student (pseudo-labeled images with no boxes) and the evaluation
+    # must all still run and report.
+    raw = tiny_config(demo_dir, tmp_path / "out", weights)
+    raw["inference"] = {"score_floor": 1.01}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["instances_per_image"]["pseudo"] == 0.0
+    assert summary["images"]["pseudo_labeled"] == 10
+    assert summary["teacher"] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    assert read_metadata(tmp_path / "out" / "student")["pseudo_instances"] == 0
+
+
+def test_ray_job_entrypoint_smoke_test(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # start Ray
+    done = subprocess.run(
+        [
+            sys.executable,
+            "jobs/distill.py",
+            "--smoke-test",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"]["unlabeled"] == 24
+    assert "student - teacher" in done.stdout
