@@ -18,52 +18,20 @@ import tempfile
 from pathlib import Path
 
 from raydd.cli import format_table
-from raydd.config import ConfigError, from_dict, load_config, resolve_paths, validate
+from raydd.config import Config, ConfigError, load_config, parse_config
 from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.data.demo import smoke_config as demo_smoke
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.pipeline import run_distillation
 from raydd.runtime import init_ray
 
 
-def smoke_config(workdir: Path, output_dir: str | None):
+def smoke_config(workdir: Path, output_dir: str | None) -> Config:
     """A tiny but complete run on freshly written demo data."""
-    data = write_demo_dataset(
-        workdir / "data", seed=0, sizes=DemoSizes(labeled=16, unlabeled=24, test=12)
-    )
-    tiny_train = {
-        "iterations": 6,
-        "batch_size": 2,
-        "checkpoint_every": 3,
-        "warmup_iterations": 2,
-        "hflip_prob": 0.0,
-    }
-    raw = {
-        "data": {
-            "labeled": {
-                "annotations": str(data / "labeled.json"),
-                "images": str(data / "labeled"),
-            },
-            "unlabeled": {"images": str(data / "unlabeled")},
-            "test": {
-                "annotations": str(data / "test.json"),
-                "images": str(data / "test"),
-            },
-        },
-        "output_dir": output_dir or str(workdir / "output"),
-        "model": {
-            "backbone_weights": offline_mobilenet_v2_weights(),
-            "min_size": [128],
-            "max_size": 128,
-            "kwargs": {"anchor_sizes": [[16], [32], [64], [128]]},
-        },
-        "teacher": tiny_train,
-        "views": [{}, {"scale": 160}],
-        "threshold": {"num_samples": 6},
-        "student": {**tiny_train, "batch_size": 5},
-    }
-    config = resolve_paths(from_dict(raw))
-    validate(config)
-    return config
+    sizes = DemoSizes(labeled=16, unlabeled=24, test=12)
+    data = write_demo_dataset(workdir / "data", seed=0, sizes=sizes)
+    output = output_dir or workdir / "output"
+    return parse_config(demo_smoke(data, output, offline_mobilenet_v2_weights()))
 
 
 def main() -> int:

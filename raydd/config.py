@@ -191,6 +191,11 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return parse_config(raw, overrides)
+
+
+def parse_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Applies overrides to plain config data, builds, resolves paths and validates."""
     for item in overrides:
         _apply_override(raw, item)
     config = resolve_paths(from_dict(raw))
@@ -348,6 +353,7 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"data.unlabeled.images matches no files: {data.unlabeled.images}"
         )
+    _require_writable("output_dir", config.output_dir)
     if config.model.backbone_weights is not None:
         _require_file("model.backbone_weights", config.model.backbone_weights)
     models.check_model_name(config.model.name)
@@ -376,6 +382,16 @@ def _require_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: no such file: {path}")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{key}: file is not readable: {path}")
+
+
+def _require_writable(key: str, path: str) -> None:
+    if "://" in path:
+        return  # remote storage: checked by the writer
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{key}: cannot write under {existing}")
 
 
 def _require_dir(key: str, path: str) -> None:

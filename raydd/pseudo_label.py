@@ -27,7 +27,6 @@ import pandas as pd
 import pyarrow as pa
 import ray
 import torch
-from torchvision.transforms.v2 import functional as F
 
 from raydd import schema
 from raydd.checkpoint import load_detector
@@ -38,7 +37,7 @@ from raydd.config import (
     ViewConfig,
     unlabeled_files,
 )
-from raydd.data.images import decode_batch
+from raydd.data.images import decode_batch, to_tensor
 from raydd.ensemble import fuse
 from raydd.models import permissive_inference
 from raydd.views import View
@@ -83,14 +82,7 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Detections of each ``uint8 [H, W, 3]`` image in original-image pixels."""
-        tensors = [
-            F.to_dtype(
-                torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1),
-                torch.float32,
-                scale=True,
-            )
-            for i in images
-        ]
+        tensors = [to_tensor(i) for i in images]
         sizes = [t.shape[-2:] for t in tensors]
         per_image: list[list[dict[str, torch.Tensor]]] = [[] for _ in tensors]
         for view in self.views:

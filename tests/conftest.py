@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from raydd.data.demo import smoke_config
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+# the model section of the smoke config, without weights (tests add their own)
 TINY_MODEL = {
-    "min_size": [128],
-    "max_size": 128,
-    "kwargs": {
-        "anchor_sizes": [[16], [32], [64], [128]],
-        "rpn_post_nms_top_n_test": 100,
-    },
+    k: v
+    for k, v in smoke_config(".", ".", "")["model"].items()
+    if k != "backbone_weights"
 }
 
 
@@ -44,39 +44,6 @@ def weights() -> str:
     return offline_mobilenet_v2_weights()
 
 
-def tiny_config(demo: Path, out: Path, weights: str, **sections) -> dict:
-    """A raw config dict for a run that takes seconds on the tiny demo data."""
-    raw = {
-        "data": {
-            "labeled": {
-                "annotations": str(demo / "labeled.json"),
-                "images": str(demo / "labeled"),
-            },
-            "unlabeled": {"images": str(demo / "unlabeled")},
-            "test": {
-                "annotations": str(demo / "test.json"),
-                "images": str(demo / "test"),
-            },
-        },
-        "output_dir": str(out),
-        "model": {**TINY_MODEL, "backbone_weights": weights},
-        "teacher": {
-            "iterations": 4,
-            "batch_size": 2,
-            "checkpoint_every": 2,
-            "warmup_iterations": 2,
-            "cpus_per_worker": 2,
-            "hflip_prob": 0.0,
-        },
-        "views": [{}, {"scale": 160}, {"hflip": True}],
-        "threshold": {"num_samples": 6},
-        "student": {
-            "iterations": 4,
-            "batch_size": 5,
-            "checkpoint_every": 2,
-            "warmup_iterations": 2,
-            "cpus_per_worker": 2,
-        },
-    }
-    raw.update(sections)
-    return raw
+def tiny_config(demo: Path, out: Path, weights: str) -> dict:
+    """A raw config dict for a run that takes about a minute on the tiny demo data."""
+    return smoke_config(demo, out, weights)

@@ -60,6 +60,10 @@ def test_loads_and_overrides(tmp_path, demo_dir, weights):
         ),
         (lambda r: r["student"].update(init="imagenet"), "student.init must be"),
         (lambda r: r.update(colour="red"), "unknown key colour"),
+        (
+            lambda r: r.update(output_dir=__file__ + "/out"),
+            "output_dir: cannot write under",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, demo_dir, weights, change, message):

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert
-from torchvision.transforms.v2 import functional as F
 
 from raydd.config import CocoSplit
-from raydd.data.images import load_rgb
+from raydd.data.images import load_rgb, to_tensor
 from raydd.views import hflip_boxes
 
 
@@ -106,11 +105,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         record = self.records[index]
-        image = F.to_dtype(
-            torch.from_numpy(load_rgb(record.path)).permute(2, 0, 1),
-            torch.float32,
-            scale=True,
-        )
+        image = to_tensor(load_rgb(record.path))
         boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
         if self.hflip_prob and torch.rand(()) < self.hflip_prob:
             image, boxes = image.flip(-1), hflip_boxes(boxes, image.shape[-1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -199,3 +200,49 @@ def write_demo_dataset(
             annotated=name != "unlabeled",
         )
     return out
+
+
+def smoke_config(
+    data_dir: str | Path, output_dir: str | Path, backbone_weights: str
+) -> dict[str, Any]:
+    """A raw config that runs the whole method in about a minute on demo data.
+
+    Tiny schedules and a small model input; every step still really runs (used by
+    ``jobs/distill.py --smoke-test`` and the tests). The views include a flip only to
+    exercise it: digits are not mirror-symmetric.
+    """
+    data = Path(data_dir)
+    train = {
+        "iterations": 4,
+        "batch_size": 2,
+        "checkpoint_every": 2,
+        "warmup_iterations": 2,
+        "hflip_prob": 0.0,
+    }
+    return {
+        "data": {
+            "labeled": {
+                "annotations": str(data / "labeled.json"),
+                "images": str(data / "labeled"),
+            },
+            "unlabeled": {"images": str(data / "unlabeled")},
+            "test": {
+                "annotations": str(data / "test.json"),
+                "images": str(data / "test"),
+            },
+        },
+        "output_dir": str(output_dir),
+        "model": {
+            "backbone_weights": backbone_weights,
+            "min_size": [128],
+            "max_size": 128,
+            "kwargs": {
+                "anchor_sizes": [[16], [32], [64], [128]],
+                "rpn_post_nms_top_n_test": 100,
+            },
+        },
+        "teacher": train,
+        "views": [{}, {"scale": 160}, {"hflip": True}],
+        "threshold": {"num_samples": 6},
+        "student": {**train, "batch_size": 5},
+    }

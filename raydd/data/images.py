@@ -7,7 +7,9 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as F
 
 from raydd import schema
 
@@ -18,6 +20,12 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     """Rotates as a viewer would (EXIF orientation); returns ``uint8 [H, W, 3]`` RGB."""
     image = ImageOps.exif_transpose(image)
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` -> float32 ``[3, H, W]`` in 0..1 (torchvision's contract)."""
+    chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    return F.to_dtype(chw, torch.float32, scale=True)
 
 
 def load_rgb(path: str) -> np.ndarray:
