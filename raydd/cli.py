@@ -46,11 +46,17 @@ def _require(path: Path, step: str) -> Path:
 def _demo_data(args: argparse.Namespace) -> None:
     from raydd.data.demo import DemoSizes, write_demo_dataset
 
-    sizes = DemoSizes(labeled=args.labeled, unlabeled=args.unlabeled, test=args.test)
+    sizes = DemoSizes(
+        labeled=args.labeled,
+        unlabeled=args.unlabeled,
+        test=args.test,
+        validation=args.validation,
+    )
     out = write_demo_dataset(args.dir, seed=args.seed, sizes=sizes)
     print(
         f"demo dataset written to {out} "
-        f"({sizes.labeled} labeled, {sizes.unlabeled} unlabeled, {sizes.test} test)"
+        f"({sizes.labeled} labeled, {sizes.validation} validation, "
+        f"{sizes.unlabeled} unlabeled, {sizes.test} test)"
     )
 
 
@@ -73,19 +79,17 @@ def _pseudo_label(config: Config, args: argparse.Namespace) -> None:
 
 
 def _tune_threshold(config: Config, args: argparse.Namespace) -> None:
-    from raydd.data.coco import instances_per_image
-    from raydd.pipeline import labeled_records
+    from raydd.pipeline import choose_threshold
     from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
-    from raydd.threshold import save_threshold, search_threshold
+    from raydd.threshold import PLOT_FILE, THRESHOLD_FILE
 
     out = Path(config.output_dir)
     candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
-    target = instances_per_image(labeled_records(config))
-    result = search_threshold(candidates, target, config.threshold, out / "tune")
+    result = choose_threshold(config, candidates)
     print(
         f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
-        f"instances per unlabeled image vs {target:.3f} labeled "
-        f"({result.trials} trials) -> {save_threshold(result, out)}"
+        f"instances per unlabeled image vs {result.labeled_instances_per_image:.3f} "
+        f"labeled ({result.trials} trials) -> {out / THRESHOLD_FILE}, {out / PLOT_FILE}"
     )
 
 
@@ -93,13 +97,14 @@ def _train_student(config: Config, args: argparse.Namespace) -> None:
     from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
     from raydd.student import train_student
     from raydd.teacher import TEACHER_DIR
-    from raydd.threshold import THRESHOLD_FILE, load_threshold
+    from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
 
     out = Path(config.output_dir)
     candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
     _require(out / THRESHOLD_FILE, "tune-threshold")
     teacher = _require(out / TEACHER_DIR, "train-teacher")
-    path = train_student(config, candidates, load_threshold(out).threshold, teacher)
+    used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
+    path = train_student(config, candidates, used, teacher)
     print(f"student checkpoint: {path}")
 
 
@@ -166,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labeled", type=int, default=300)
     demo.add_argument("--unlabeled", type=int, default=2000)
     demo.add_argument("--test", type=int, default=300)
+    demo.add_argument("--validation", type=int, default=100)
     demo.set_defaults(handler=_demo_data, needs_config=False)
     _with_config(
         sub,

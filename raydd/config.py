@@ -44,9 +44,13 @@ class UnlabeledSplit:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The splits. ``validation`` (optional) is a labeled split that is pseudo-labeled
+    like the unlabeled one, so the threshold search can report precision/recall."""
+
     labeled: CocoSplit
     unlabeled: UnlabeledSplit
     test: CocoSplit
+    validation: CocoSplit | None = None
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,12 @@ class ThresholdConfig:
     """The Ray Tune search for the pseudo-label score threshold.
 
     ``search`` is ``grid`` (``num_samples`` evenly spaced points in ``[low, high]``)
-    or ``optuna`` (``num_samples`` TPE trials).
+    or ``optuna`` (``num_samples`` TPE trials on the global objective). With
+    ``per_class`` the student keeps each class above its own threshold (matching that
+    class's labeled rate) instead of the global one.
     """
 
+    per_class: bool = False
     search: str = "grid"
     num_samples: int = 41
     low: float = 0.0
@@ -219,7 +226,8 @@ def resolve_paths(config: Config) -> Config:
             annotations=_absolute(getattr(data, s).annotations),
             images=_absolute(getattr(data, s).images),
         )
-        for s in ("labeled", "test")
+        for s in ("labeled", "test", "validation")
+        if getattr(data, s) is not None
     }
     unlabeled = dataclasses.replace(
         data.unlabeled, images=_absolute(data.unlabeled.images)
@@ -345,8 +353,10 @@ def validate(config: Config) -> None:
     from raydd import ensemble, models  # late: keeps `import raydd.config` light
 
     data = config.data
-    for split in ("labeled", "test"):
-        coco: CocoSplit = getattr(data, split)
+    for split in ("labeled", "test", "validation"):
+        coco: CocoSplit | None = getattr(data, split)
+        if coco is None:
+            continue
         _require_file(f"data.{split}.annotations", coco.annotations)
         _require_dir(f"data.{split}.images", coco.images)
     if not unlabeled_files(data.unlabeled):

@@ -23,7 +23,7 @@ from torchvision.ops import box_convert
 from raydd import schema
 from raydd.checkpoint import read_metadata
 from raydd.config import CocoSplit, EnsembleConfig, InferenceConfig, ViewConfig
-from raydd.data.coco import Categories, load_coco
+from raydd.data.coco import Categories, image_paths, load_coco
 from raydd.pseudo_label import predict_dataset
 
 METRICS = ("AP", "AP50", "AP75")
@@ -82,8 +82,6 @@ def evaluate_checkpoint(
     coco = load_coco(split.annotations)
     meta = read_metadata(checkpoint)["categories"]
     categories = Categories(tuple(meta["ids"]), tuple(meta["names"]))
-    paths = [
-        os.path.join(split.images, img["file_name"]) for img in coco.dataset["images"]
-    ]
+    paths = image_paths(split)
     frame = predict_dataset(paths, checkpoint, views, ensemble, inference).to_pandas()
     return coco_metrics(coco, coco_results(frame, coco, split.images, categories))

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from raydd.config import Config, ViewConfig, save_config
 from raydd.data.coco import (
     Categories,
@@ -21,10 +23,25 @@ from raydd.data.coco import (
     load_coco,
 )
 from raydd.evaluate import evaluate_checkpoint
-from raydd.pseudo_label import pseudo_label, read_candidates
+from raydd.pseudo_label import (
+    VALIDATION_CANDIDATES_DIR,
+    pseudo_label,
+    read_candidates,
+)
 from raydd.student import pseudo_records, train_student
 from raydd.teacher import train_teacher
-from raydd.threshold import save_threshold, search_threshold
+from raydd.threshold import (
+    PLOT_FILE,
+    ThresholdResult,
+    class_rates,
+    format_thresholds,
+    match_ground_truth,
+    plot_thresholds,
+    save_threshold,
+    score_table,
+    search_threshold,
+    thresholds_by_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +51,29 @@ SUMMARY_FILE = "summary.json"
 def labeled_records(config: Config) -> list[Record]:
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
     return coco_records(config.data.labeled, categories)
+
+
+def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResult:
+    """Step 3 with its outputs: ``thresholds.json``, ``thresholds.png`` and a table
+    in the log. Uses the pseudo-labeled validation split when there is one."""
+    out = Path(config.output_dir)
+    categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
+    targets = class_rates(labeled_records(config), categories.num_classes)
+    validation = None
+    if config.data.validation is not None:
+        truth = coco_records(config.data.validation, categories)
+        found = read_candidates(out / VALIDATION_CANDIDATES_DIR)
+        validation = match_ground_truth(found, truth)
+    result, trials = search_threshold(
+        candidates, targets, config.threshold, out / "tune", validation
+    )
+    save_threshold(result, out)
+    plot_thresholds(trials, result, out / PLOT_FILE)
+    table = format_thresholds(
+        result, targets, score_table(candidates), list(categories.names)
+    )
+    logger.info("thresholds (%d Ray Tune trials):\n%s", result.trials, table)
+    return result
 
 
 def single_view(config: Config) -> tuple[ViewConfig, ...]:
@@ -72,27 +112,21 @@ def run_distillation(config: Config) -> dict[str, Any]:
     teacher = timed("teacher", train_teacher, config)
     labeling = timed("pseudo_label", pseudo_label, config, str(teacher))
     candidates = read_candidates(labeling.candidates)
-    labeled_set = labeled_records(config)
-    target = instances_per_image(labeled_set)
-    threshold = timed(
-        "threshold",
-        search_threshold,
-        candidates,
-        target,
-        config.threshold,
-        out / "tune",
-    )
-    save_threshold(threshold, out)
-    student = timed(
-        "student", train_student, config, candidates, threshold.threshold, teacher
-    )
+    threshold = timed("threshold", choose_threshold, config, candidates)
+    used = thresholds_by_label(threshold, config.threshold.per_class)
+    student = timed("student", train_student, config, candidates, used, teacher)
     metrics = timed("evaluate", evaluate_all, config, teacher, student)
-    pseudo = pseudo_records(candidates, threshold.threshold)
+    pseudo = pseudo_records(candidates, used)
+    labeled_set = labeled_records(config)
     summary = {
         **metrics,
         "threshold": threshold.threshold,
+        "per_class_thresholds": threshold.per_class
+        if config.threshold.per_class
+        else None,
+        "validation": {k: getattr(threshold, k) for k in ("precision", "recall", "f1")},
         "instances_per_image": {
-            "labeled": target,
+            "labeled": instances_per_image(labeled_set),
             "pseudo": instances_per_image(pseudo),
         },
         "images": {

@@ -37,6 +37,7 @@ from raydd.config import (
     ViewConfig,
     unlabeled_files,
 )
+from raydd.data.coco import image_paths
 from raydd.data.images import decode_batch, to_tensor
 from raydd.ensemble import fuse
 from raydd.models import permissive_inference
@@ -45,6 +46,7 @@ from raydd.views import View
 logger = logging.getLogger(__name__)
 
 CANDIDATES_DIR = "candidates"
+VALIDATION_CANDIDATES_DIR = "validation_candidates"
 
 
 class Predictor:
@@ -187,30 +189,49 @@ class PseudoLabelResult:
     seconds: float
 
 
+def _write_candidates(
+    paths: Sequence[str], checkpoint: str, config: Config, out: Path
+) -> pd.DataFrame:
+    shutil.rmtree(out, ignore_errors=True)
+    ds = predict_dataset(
+        paths, checkpoint, config.views, config.ensemble, config.inference
+    )
+    ds.write_parquet(str(out.resolve()))
+    return read_candidates(out)
+
+
 def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     """Runs the teacher with every view on the unlabeled set; writes Parquet candidates.
 
     Writes ``OUTPUT_DIR/candidates/*.parquet`` (replacing an earlier run's) and an
-    ``errors.csv`` of images that could not be decoded.
+    ``errors.csv`` of images that could not be decoded. With a validation split, its
+    images are pseudo-labeled the same way into ``OUTPUT_DIR/validation_candidates``.
     """
     start = time.perf_counter()
-    out = Path(config.output_dir) / CANDIDATES_DIR
-    shutil.rmtree(out, ignore_errors=True)
+    output = Path(config.output_dir)
     paths = unlabeled_files(config.data.unlabeled)
     logger.info(
         "pseudo-labeling %d images with %d views", len(paths), len(config.views)
     )
-    ds = predict_dataset(
-        paths, teacher_checkpoint, config.views, config.ensemble, config.inference
+    table = _write_candidates(
+        paths, teacher_checkpoint, config, output / CANDIDATES_DIR
     )
-    ds.write_parquet(str(out.resolve()))
-    table = read_candidates(out)
     errors = table[table[schema.ERROR] != ""][[schema.PATH, schema.ERROR]]
     errors.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"}).to_csv(
-        Path(config.output_dir) / "errors.csv", index=False
+        output / "errors.csv", index=False
     )
+    if config.data.validation is not None:
+        _write_candidates(
+            image_paths(config.data.validation),
+            teacher_checkpoint,
+            config,
+            output / VALIDATION_CANDIDATES_DIR,
+        )
     return PseudoLabelResult(
-        str(out), len(table), len(errors), time.perf_counter() - start
+        str(output / CANDIDATES_DIR),
+        len(table),
+        len(errors),
+        time.perf_counter() - start,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from raydd import schema
@@ -20,15 +21,20 @@ from raydd.train import TrainJob, fit
 STUDENT_DIR = "student"
 
 
-def pseudo_records(candidates: pd.DataFrame, threshold: float) -> list[Record]:
-    """Hard pseudo-labels: every readable image, with its candidates ``>= threshold``.
+def pseudo_records(
+    candidates: pd.DataFrame, thresholds: dict[int, float]
+) -> list[Record]:
+    """Hard pseudo-labels: every readable image, with the candidates scoring at least
+    their label's threshold (``thresholds``: label -> threshold; labels missing from
+    it are dropped).
 
     Images left with no instance stay in (as background), as in the paper.
     """
     records = []
     for row in candidates[candidates[schema.ERROR] == ""].to_dict("records"):
         dets = schema.detections_from_row(row)
-        keep = dets[schema.SCORES] >= threshold
+        needed = [thresholds.get(int(label), np.inf) for label in dets[schema.LABELS]]
+        keep = dets[schema.SCORES] >= np.asarray(needed, np.float32).reshape(-1)
         records.append(
             Record(
                 row[schema.PATH], dets[schema.BOXES][keep], dets[schema.LABELS][keep]
@@ -38,11 +44,17 @@ def pseudo_records(candidates: pd.DataFrame, threshold: float) -> list[Record]:
 
 
 def train_student(
-    config: Config, candidates: pd.DataFrame, threshold: float, teacher_dir: str | Path
+    config: Config,
+    candidates: pd.DataFrame,
+    thresholds: dict[int, float],
+    teacher_dir: str | Path,
 ) -> Path:
-    """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``."""
+    """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``.
+
+    ``thresholds`` maps each label to the score its pseudo-labels must reach.
+    """
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
-    pseudo = pseudo_records(candidates, threshold)
+    pseudo = pseudo_records(candidates, thresholds)
     cfg = config.student
     job = TrainJob(
         model=config.model,
@@ -55,7 +67,7 @@ def train_student(
         metadata={
             "role": "student",
             "init": cfg.init,
-            "threshold": threshold,
+            "thresholds": {str(k): v for k, v in thresholds.items()},
             "pseudo_instances": int(sum(len(r.labels) for r in pseudo)),
             "config": to_dict(config),
         },

@@ -1,19 +1,29 @@
-"""Step 3: the pseudo-label score threshold, searched with Ray Tune.
+"""Step 3: the pseudo-label score thresholds, searched with Ray Tune.
 
 The paper keeps instances scoring above a threshold chosen so that the mean number of
-instances per unlabeled image matches the labeled set's. Each Tune trial evaluates one
-threshold over the cached candidate scores (no re-inference): it only filters and
-counts. Tune's results (JSON, CSV and TensorBoard event files) stay under
-``OUTPUT_DIR/tune`` for ``tensorboard --logdir OUTPUT_DIR/tune``.
+instances per unlabeled image matches the labeled set's. Candidates are cached once
+(the Parquet of step 2) and reduced to a compact :class:`ScoreTable` (a score and a
+label per candidate); each Tune trial evaluates one threshold ``t`` by filtering and
+counting, with no re-inference. Every trial reports:
+
+- ``instances_per_image`` and ``gap`` (the paper's global objective);
+- ``gap_<class>`` per class, against that class's rate in the labeled set, from which
+  each class gets its own threshold (the per-class objective, which fixes the bias
+  towards frequent classes a single threshold has);
+- ``precision``/``recall``/``f1`` of the pseudo-labels when a labeled validation split
+  was pseudo-labeled too, so the heuristic's choice can be judged.
+
+Tune's results (JSON, CSV and TensorBoard event files) stay under ``OUTPUT_DIR/tune``:
+``tensorboard --logdir OUTPUT_DIR/tune``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,31 +32,149 @@ from ray import tune
 from raydd import schema
 from raydd.config import ThresholdConfig
 
+if TYPE_CHECKING:  # trials import this module: keep torch out of their start-up
+    from raydd.data.coco import Record
+
 logger = logging.getLogger(__name__)
 
-THRESHOLD_FILE = "threshold.json"
+THRESHOLD_FILE = "thresholds.json"
+PLOT_FILE = "thresholds.png"
 
 
-def instances_per_image(scores: np.ndarray, num_images: int, threshold: float) -> float:
-    """Mean instances per image scoring ``>= threshold`` (``scores``: all images')."""
-    return float(np.count_nonzero(scores >= threshold)) / max(num_images, 1)
+@dataclass(frozen=True)
+class ScoreTable:
+    """Every candidate of readable images as parallel arrays (what trials read).
+
+    Attributes:
+        scores: float32 ``[M]``.
+        labels: int64 ``[M]`` contiguous labels.
+        num_images: readable images the candidates come from.
+        is_tp: bool ``[M]``, for a pseudo-labeled *labeled* split: whether the
+            candidate matches a ground-truth box (see :func:`match_ground_truth`).
+        num_gt: ground-truth instances of that split.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    num_images: int
+    is_tp: np.ndarray | None = None
+    num_gt: int = 0
 
 
-def _trial(
-    params: dict[str, Any], scores: np.ndarray, num_images: int, target: float
-) -> None:
-    threshold = float(params["threshold"])
-    mean = instances_per_image(scores, num_images, threshold)
-    tune.report(
-        {"threshold": threshold, "instances_per_image": mean, "gap": abs(mean - target)}
+def score_table(candidates: pd.DataFrame) -> ScoreTable:
+    """Flattens the candidates of readable images into a :class:`ScoreTable`."""
+    ok = candidates[candidates[schema.ERROR] == ""]
+    flat = [np.zeros(0, np.float32), *map(np.asarray, ok[schema.SCORES])]
+    labels = [np.zeros(0, np.int64), *map(np.asarray, ok[schema.LABELS])]
+    return ScoreTable(
+        np.concatenate(flat).astype(np.float32),
+        np.concatenate(labels).astype(np.int64),
+        len(ok),
     )
+
+
+def match_ground_truth(
+    candidates: pd.DataFrame, truth: list[Record], iou: float = 0.5
+) -> ScoreTable:
+    """A :class:`ScoreTable` whose ``is_tp`` marks candidates matching ground truth.
+
+    Matching is COCO's greedy one: in descending score order, each candidate takes
+    the best-overlapping unmatched same-class box with IoU >= ``iou``. Because it goes
+    by score, a candidate's match does not depend on lower-scored ones, so one pass
+    gives the true positives at *every* threshold.
+    """
+    by_path = {r.path: r for r in truth}
+    ok = candidates[candidates[schema.ERROR] == ""]
+    scores, labels, flags = [np.zeros(0, np.float32)], [np.zeros(0, np.int64)], []
+    for row in ok.to_dict("records"):
+        dets = schema.detections_from_row(row)
+        gt = by_path[row[schema.PATH]]
+        scores.append(dets[schema.SCORES])
+        labels.append(dets[schema.LABELS])
+        flags.append(_greedy_match(dets, gt, iou))
+    return ScoreTable(
+        np.concatenate(scores),
+        np.concatenate(labels),
+        len(ok),
+        np.concatenate([np.zeros(0, bool), *flags]),
+        sum(len(by_path[p].labels) for p in ok[schema.PATH]),
+    )
+
+
+def _greedy_match(dets: dict[str, np.ndarray], gt: Record, iou: float) -> np.ndarray:
+    import torch
+    from torchvision.ops import box_iou
+
+    is_tp = np.zeros(len(dets[schema.SCORES]), bool)
+    if len(gt.labels) == 0 or len(is_tp) == 0:
+        return is_tp
+    overlap = box_iou(torch.from_numpy(dets[schema.BOXES]), torch.from_numpy(gt.boxes))
+    overlap = overlap.numpy() * (dets[schema.LABELS][:, None] == gt.labels[None, :])
+    taken = np.zeros(len(gt.labels), bool)
+    for i in np.argsort(-dets[schema.SCORES], kind="stable"):
+        candidates = np.where(taken, -1.0, overlap[i])
+        j = int(candidates.argmax())
+        if candidates[j] >= iou:
+            is_tp[i], taken[j] = True, True
+    return is_tp
+
+
+def class_rates(records: list[Record], num_classes: int) -> np.ndarray:
+    """Instances per image of each label ``0..num_classes-1`` (0, background, is 0)."""
+    labels = np.concatenate([np.zeros(0, np.int64), *(r.labels for r in records)])
+    return np.bincount(labels, minlength=num_classes) / max(len(records), 1)
+
+
+def evaluate_threshold(
+    table: ScoreTable,
+    threshold: float,
+    targets: np.ndarray,
+    validation: ScoreTable | None = None,
+) -> dict[str, float]:
+    """What keeping candidates with ``score >= threshold`` gives (a trial's metrics).
+
+    Args:
+        table: the unlabeled candidates.
+        threshold: the score threshold.
+        targets: labeled instances per image per label (``targets[0]`` unused).
+        validation: a pseudo-labeled labeled split, for precision and recall.
+    """
+    keep = table.scores >= threshold
+    per_class = np.bincount(table.labels[keep], minlength=len(targets))
+    per_class = per_class[: len(targets)] / max(table.num_images, 1)
+    mean = float(keep.sum()) / max(table.num_images, 1)
+    metrics = {
+        "threshold": threshold,
+        "instances_per_image": mean,
+        "gap": abs(mean - float(targets.sum())),
+    }
+    for label in range(1, len(targets)):
+        metrics[f"gap_{label}"] = abs(float(per_class[label]) - float(targets[label]))
+    if validation is not None and validation.is_tp is not None:
+        metrics.update(_precision_recall(validation, threshold))
+    return metrics
+
+
+def _precision_recall(table: ScoreTable, threshold: float) -> dict[str, float]:
+    keep = table.scores >= threshold
+    tp = float((table.is_tp & keep).sum())
+    precision = tp / keep.sum() if keep.any() else 1.0
+    recall = tp / table.num_gt if table.num_gt else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _trial(params: dict[str, Any], **data: Any) -> None:
+    tune.report(evaluate_threshold(threshold=float(params["threshold"]), **data))
 
 
 def _search_space(cfg: ThresholdConfig) -> tuple[dict[str, Any], tune.TuneConfig]:
     if cfg.search == "grid":
         grid = np.round(np.linspace(cfg.low, cfg.high, cfg.num_samples), 6).tolist()
         space = {"threshold": tune.grid_search(grid)}
-        return space, tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials)
+        return space, tune.TuneConfig(
+            max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True
+        )
     from ray.tune.search.optuna import OptunaSearch
 
     searcher = OptunaSearch(metric="gap", mode="min", seed=0)
@@ -55,58 +183,104 @@ def _search_space(cfg: ThresholdConfig) -> tuple[dict[str, Any], tune.TuneConfig
         search_alg=searcher,
         num_samples=cfg.num_samples,
         max_concurrent_trials=cfg.max_concurrent_trials,
+        reuse_actors=True,
     )
 
 
 @dataclass(frozen=True)
 class ThresholdResult:
-    """The chosen threshold and what it gives: instances per image on both sets."""
+    """The chosen thresholds and what they give.
+
+    ``per_class`` maps each label (as a string, for JSON) to its own threshold;
+    ``precision``/``recall``/``f1`` are those of the global threshold on the
+    validation split (absent without one).
+    """
 
     threshold: float
     labeled_instances_per_image: float
     pseudo_instances_per_image: float
     trials: int
+    per_class: dict[str, float] = field(default_factory=dict)
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
 
 
-def search_threshold(
-    candidates: pd.DataFrame,
-    target: float,
+def _best(frame: pd.DataFrame, gap: str) -> pd.Series:
+    """The trial with the smallest gap; ties (counts are step functions of ``t``) go
+    to the lowest threshold, which keeps the most pseudo-labels."""
+    return frame.sort_values([gap, "threshold"]).iloc[0]
+
+
+def run_search(
+    table: ScoreTable,
+    targets: np.ndarray,
     cfg: ThresholdConfig,
     storage_path: str | Path,
-) -> ThresholdResult:
-    """Finds ``t`` minimising ``|instances_per_image(t) - target|`` with Ray Tune.
-
-    Args:
-        candidates: the Parquet candidates (column ``scores``: one array per image).
-        target: mean instances per labeled image.
-        cfg: search settings.
-        storage_path: Tune's storage (the experiment is named ``threshold``).
-
-    Ties (counts are step functions of ``t``) go to the lowest threshold.
-    """
-    ok = candidates[candidates[schema.ERROR] == ""]
-    scores = np.concatenate(
-        [np.zeros(0, np.float32), *map(np.asarray, ok[schema.SCORES])]
-    )
+    validation: ScoreTable | None = None,
+) -> pd.DataFrame:
+    """Runs the Tune experiment ``threshold``; returns one row per trial."""
     space, tune_config = _search_space(cfg)
+    trainable = tune.with_parameters(
+        _trial, table=table, targets=targets, validation=validation
+    )
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(
-                _trial, scores=scores, num_images=len(ok), target=target
-            ),
-            {"CPU": 0.5},
-        ),
+        tune.with_resources(trainable, {"CPU": 0.5}),
         param_space=space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
             name="threshold", storage_path=str(Path(storage_path).resolve()), verbose=0
         ),
     )
-    frame = tuner.fit().get_dataframe()
-    best = frame.sort_values(["gap", "threshold"]).iloc[0]
-    return ThresholdResult(
-        float(best["threshold"]), target, float(best["instances_per_image"]), len(frame)
+    return tuner.fit().get_dataframe()
+
+
+def search_threshold(
+    candidates: pd.DataFrame,
+    targets: np.ndarray,
+    cfg: ThresholdConfig,
+    storage_path: str | Path,
+    validation: ScoreTable | None = None,
+) -> tuple[ThresholdResult, pd.DataFrame]:
+    """Finds the global and per-class thresholds with Ray Tune.
+
+    Args:
+        candidates: the Parquet candidates of the unlabeled set.
+        targets: labeled instances per image per label, as from :func:`class_rates`.
+        cfg: search settings.
+        storage_path: Tune's storage.
+        validation: optional pseudo-labeled labeled split (see
+            :func:`match_ground_truth`) for precision/recall.
+
+    Returns:
+        The result and Tune's table of trials (sorted by threshold).
+    """
+    frame = run_search(score_table(candidates), targets, cfg, storage_path, validation)
+    frame = frame.sort_values("threshold", ignore_index=True)
+    best = _best(frame, "gap")
+    per_class = {
+        str(label): float(_best(frame, f"gap_{label}")["threshold"])
+        for label in range(1, len(targets))
+    }
+    quality = {k: float(best[k]) for k in ("precision", "recall", "f1") if k in best}
+    result = ThresholdResult(
+        threshold=float(best["threshold"]),
+        labeled_instances_per_image=float(targets.sum()),
+        pseudo_instances_per_image=float(best["instances_per_image"]),
+        trials=len(frame),
+        per_class=per_class,
+        **quality,
     )
+    return result, frame
+
+
+def thresholds_by_label(result: ThresholdResult, per_class: bool) -> dict[int, float]:
+    """Label -> threshold the student uses (every label the global one if not
+    ``per_class``)."""
+    return {
+        int(label): (t if per_class else result.threshold)
+        for label, t in result.per_class.items()
+    }
 
 
 def save_threshold(result: ThresholdResult, output_dir: str | Path) -> Path:
@@ -119,3 +293,76 @@ def load_threshold(output_dir: str | Path) -> ThresholdResult:
     return ThresholdResult(
         **json.loads((Path(output_dir) / THRESHOLD_FILE).read_text())
     )
+
+
+def format_thresholds(
+    result: ThresholdResult, targets: np.ndarray, table: ScoreTable, names: list[str]
+) -> str:
+    """A text table: per class, the labeled rate, its threshold and the pseudo rate."""
+    lines = [f"{'class':<12}{'labeled/img':>12}{'threshold':>11}{'pseudo/img':>12}"]
+    n = max(table.num_images, 1)
+    for label, name in enumerate(names, start=1):
+        t = result.per_class.get(str(label), result.threshold)
+        kept = np.count_nonzero((table.labels == label) & (table.scores >= t)) / n
+        lines.append(f"{name:<12}{targets[label]:>12.3f}{t:>11.3f}{kept:>12.3f}")
+    lines.append(
+        f"{'all (global)':<12}{targets.sum():>12.3f}{result.threshold:>11.3f}"
+        f"{result.pseudo_instances_per_image:>12.3f}"
+    )
+    if result.precision is not None:
+        lines.append(
+            f"validation at the global threshold: precision {result.precision:.3f}, "
+            f"recall {result.recall:.3f}, F1 {result.f1:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_thresholds(
+    frame: pd.DataFrame, result: ThresholdResult, path: str | Path
+) -> Path:
+    """PNG of instances per image (and precision/recall) against the threshold, with
+    the labeled target and the chosen threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = frame.sort_values("threshold")
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(
+        frame["threshold"],
+        frame["instances_per_image"],
+        "o-",
+        ms=3,
+        label="pseudo-labels per unlabeled image",
+    )
+    ax.axhline(
+        result.labeled_instances_per_image,
+        color="gray",
+        ls="--",
+        label="instances per labeled image",
+    )
+    ax.plot(
+        [result.threshold],
+        [result.pseudo_instances_per_image],
+        "r*",
+        ms=16,
+        label=f"chosen t = {result.threshold:.3f}",
+    )
+    ax.set_xlabel("score threshold t")
+    ax.set_ylabel("instances per image")
+    handles, labels = ax.get_legend_handles_labels()
+    if "precision" in frame:
+        right = ax.twinx()
+        for metric, style in (("precision", "g-"), ("recall", "m-")):
+            (line,) = right.plot(frame["threshold"], frame[metric], style, label=metric)
+            handles.append(line)
+            labels.append(f"{metric} (validation)")
+        right.set_ylim(0, 1.02)
+        right.set_ylabel("precision / recall")
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.set_title("Pseudo-label threshold (Ray Tune trials)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -33,7 +33,7 @@ def ray_local():
 def demo_dir(tmp_path_factory) -> Path:
     from raydd.data.demo import DemoSizes, write_demo_dataset
 
-    sizes = DemoSizes(labeled=8, unlabeled=10, test=6)
+    sizes = DemoSizes(labeled=8, unlabeled=10, test=6, validation=6)
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), seed=1, sizes=sizes)
 
 

@@ -30,3 +30,33 @@ def test_distill_demo_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert record["smoke"] is True and record["images"]["unlabeled"] == 10
     assert set(record["student"]) == {"AP", "AP50", "AP75"}
     assert "student - teacher" in capsys.readouterr().out
+
+
+def test_threshold_search_smoke(ray_local, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "threshold_search.json"
+    monkeypatch.setattr(
+        sys, "argv", ["threshold_search.py", "--smoke", "--results", str(results)]
+    )
+    runpy.run_path(str(BENCHMARKS / "threshold_search.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    assert record["candidates"] == 10_000 and record["trials"] == 41
+    assert 0.0 < record["threshold"] < 1.0
+    assert 0.0 <= record["precision"] <= 1.0
+
+
+def test_report_renders_the_results(tmp_path, monkeypatch):
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    record = {
+        "benchmark": "threshold_search",
+        "machine": "m",
+        "date": "d",
+        "command": "c",
+        "candidates": 1_000_000,
+        "trials": 41,
+        "seconds": 12.5,
+        "threshold": 0.5,
+        "precision": 0.9,
+        "recall": 0.8,
+    }
+    lines = module["_threshold_search"](record)
+    assert lines[-1] == "| 1,000,000 | 41 | 12.5 | 0.500 | 0.900 | 0.800 |"

@@ -30,7 +30,7 @@ def test_unlabeled_split_has_images_only(demo_dir):
 
 
 def test_same_seed_same_data(tmp_path):
-    sizes = DemoSizes(labeled=2, unlabeled=1, test=1)
+    sizes = DemoSizes(labeled=2, unlabeled=1, test=1, validation=1)
     a = write_demo_dataset(tmp_path / "a", seed=5, sizes=sizes)
     b = write_demo_dataset(tmp_path / "b", seed=5, sizes=sizes)
     assert (a / "labeled.json").read_text() == (b / "labeled.json").read_text()

@@ -33,12 +33,27 @@ def test_every_subcommand_has_help(command, capsys):
 def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
-    assert main(["run", str(config), "student.labeled_share=0.4"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(config),
+                "student.labeled_share=0.4",
+                "threshold.per_class=true",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     for model in ("teacher", "teacher_views", "student"):
         assert set(summary[model]) == {"AP", "AP50", "AP75"}
         assert all(0.0 <= v <= 1.0 for v in summary[model].values())
     assert 0.0 <= summary["threshold"] <= 1.0
+    assert set(summary["per_class_thresholds"]) == {
+        str(label) for label in range(1, 11)
+    }
+    assert 0.0 <= summary["validation"]["precision"] <= 1.0
+    assert (tmp_path / "out" / "thresholds.png").stat().st_size > 10_000
     assert summary["images"] == {
         "labeled": 8,
         "unlabeled": 10,
@@ -64,7 +79,7 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     teacher = read_metadata(tmp_path / "out" / "teacher")
     assert (teacher["step"], teacher["resumed_from"]) == (6, 4)
     assert main(["tune-threshold", str(config)]) == 0
-    assert json.loads((tmp_path / "out" / "threshold.json").read_text())["trials"] == 6
+    assert json.loads((tmp_path / "out" / "thresholds.json").read_text())["trials"] == 6
 
 
 def test_bad_config_stops_before_any_work(tmp_path, demo_dir, weights, capsys):

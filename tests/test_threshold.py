@@ -1,67 +1,172 @@
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from raydd import schema
 from raydd.config import ThresholdConfig
-from raydd.threshold import instances_per_image, search_threshold
+from raydd.data.coco import Record
+from raydd.threshold import (
+    ScoreTable,
+    evaluate_threshold,
+    format_thresholds,
+    match_ground_truth,
+    plot_thresholds,
+    score_table,
+    search_threshold,
+    thresholds_by_label,
+)
+
+GRID = ThresholdConfig(search="grid", num_samples=11)  # 0.0, 0.1, ..., 1.0
 
 
-def candidates(scores_per_image: list[list[float]], errors: int = 0) -> pd.DataFrame:
+def candidates(images: list[list[tuple[float, int]]], errors: int = 0) -> pd.DataFrame:
+    """One row per image from (score, label) pairs; boxes are unit squares."""
     rows = [
         {
             schema.PATH: f"img{i}.png",
             schema.ERROR: "",
-            schema.SCORES: np.asarray(s, np.float32),
+            schema.SCORES: np.array([s for s, _ in dets], np.float32),
+            schema.LABELS: np.array([c for _, c in dets], np.int64),
+            schema.BOXES: np.tile([0.0, 0, 1, 1], (len(dets), 1)).astype(np.float32),
         }
-        for i, s in enumerate(scores_per_image)
+        for i, dets in enumerate(images)
     ]
     rows += [
         {
             schema.PATH: f"bad{i}.png",
             schema.ERROR: "OSError: truncated",
             schema.SCORES: np.zeros(0, np.float32),
+            schema.LABELS: np.zeros(0, np.int64),
+            schema.BOXES: np.zeros((0, 4), np.float32),
         }
         for i in range(errors)
     ]
     return pd.DataFrame(rows)
 
 
-def test_instances_per_image_counts_at_or_above():
-    scores = np.array([0.1, 0.5, 0.5, 0.9])
-    assert instances_per_image(scores, 2, 0.5) == 1.5
-    assert instances_per_image(scores, 2, 0.95) == 0.0
-    assert instances_per_image(np.zeros(0), 0, 0.5) == 0.0
+def test_a_trial_counts_per_class_at_or_above_the_threshold():
+    table = score_table(candidates([[(0.1, 1), (0.5, 1), (0.5, 2)], [(0.9, 2)]], 1))
+    assert table.num_images == 2  # the unreadable image does not count
+    metrics = evaluate_threshold(table, 0.5, np.array([0.0, 1.0, 0.5]))
+    assert metrics["instances_per_image"] == 1.5
+    assert metrics["gap"] == 0.0
+    assert metrics["gap_1"] == pytest.approx(0.5)  # 0.5 kept per image vs 1.0 labeled
+    assert metrics["gap_2"] == pytest.approx(0.5)  # 1.0 vs 0.5
 
 
-def test_grid_search_finds_the_analytic_threshold(ray_local, tmp_path):
-    # 4 images; scores spread so that exactly 2 instances per image remain for
-    # t in (0.55, 0.70]; the lowest grid point there is 0.6.
-    frame = candidates(
-        [[0.95, 0.7, 0.3], [0.9, 0.8, 0.55, 0.1], [0.99, 0.75], [0.72, 0.71, 0.2]],
-        errors=2,
-    )
-    cfg = ThresholdConfig(search="grid", num_samples=11)  # 0.0, 0.1, ..., 1.0
-    result = search_threshold(frame, target=2.0, cfg=cfg, storage_path=tmp_path)
+def test_global_search_finds_the_analytic_threshold(ray_local, tmp_path):
+    # Exactly 2 instances per image remain for t in (0.55, 0.70]; the lowest grid
+    # point there is 0.6.
+    scores = [[0.95, 0.7, 0.3], [0.9, 0.8, 0.55, 0.1], [0.99, 0.75], [0.72, 0.71, 0.2]]
+    frame = candidates([[(s, 1) for s in image] for image in scores], errors=2)
+    result, trials = search_threshold(frame, np.array([0.0, 2.0]), GRID, tmp_path)
     assert result.threshold == pytest.approx(0.6)
-    assert result.pseudo_instances_per_image == 2.0  # unreadable images are not counted
-    assert result.trials == 11
+    assert result.pseudo_instances_per_image == 2.0
+    assert result.trials == len(trials) == 11
     assert list((tmp_path / "threshold").rglob("events.out.tfevents*"))
+
+
+def test_per_class_search_matches_each_class_rate(ray_local, tmp_path):
+    # Class 1 is confident (0.85, 0.95), class 2 is not (0.35, 0.45), each with a
+    # 0.05 noise candidate; the labeled set has 2 of each per image. Per class, the
+    # lowest grid point keeping exactly 2 per image is 0.1 (0.0 keeps the noise).
+    image = [(0.95, 1), (0.85, 1), (0.45, 2), (0.35, 2), (0.05, 1), (0.05, 2)]
+    frame = candidates([image] * 4)
+    targets = np.array([0.0, 2.0, 2.0, 0.5])  # class 3: labeled, never predicted
+    result, _ = search_threshold(frame, targets, GRID, tmp_path)
+    assert result.per_class == {
+        "1": pytest.approx(0.1),
+        "2": pytest.approx(0.1),
+        "3": pytest.approx(0.0),
+    }
+    # the global heuristic: 4.5 per image wanted, 4 is the closest reachable at t>=0.1
+    assert result.threshold == pytest.approx(0.1)
+    assert thresholds_by_label(result, per_class=False) == {1: 0.1, 2: 0.1, 3: 0.1}
+
+    targets = np.array([0.0, 2.0, 1.0, 0.5])  # now class 2 wants only its best one
+    result, _ = search_threshold(frame, targets, GRID, tmp_path / "b")
+    assert result.per_class["2"] == pytest.approx(0.4)
+    assert result.per_class["1"] == pytest.approx(0.1)
+
+
+def test_precision_and_recall_against_ground_truth():
+    truth = [
+        Record(
+            "img0.png",
+            np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32),
+            np.array([1, 1]),
+        )
+    ]
+    frame = pd.DataFrame(
+        [
+            {
+                schema.PATH: "img0.png",
+                schema.ERROR: "",
+                schema.BOXES: np.array(
+                    [
+                        [0, 0, 10, 10],
+                        [0, 0, 10, 10],
+                        [20, 20, 30, 31],
+                        [50, 50, 60, 60],
+                    ],
+                    np.float32,
+                ),
+                schema.SCORES: np.array([0.9, 0.8, 0.6, 0.7], np.float32),
+                schema.LABELS: np.array([1, 1, 1, 1]),
+            }
+        ]
+    )
+    table = match_ground_truth(frame, truth)
+    # 0.9 matches box 0; 0.8 is a duplicate of it; 0.6 matches box 1; 0.7 hits nothing
+    assert table.is_tp.tolist() == [True, False, True, False]
+    assert table.num_gt == 2
+    at = {
+        t: evaluate_threshold(table, t, np.array([0.0, 1.0]), table)
+        for t in (0.5, 0.85)
+    }
+    assert (at[0.5]["precision"], at[0.5]["recall"]) == (0.5, 1.0)
+    assert (at[0.85]["precision"], at[0.85]["recall"]) == (1.0, 0.5)
+    assert at[0.85]["f1"] == pytest.approx(2 / 3)
 
 
 def test_optuna_search_gets_close(ray_local, tmp_path):
     rng = np.random.default_rng(0)
-    frame = candidates([rng.random(20).tolist() for _ in range(50)])  # uniform scores
+    frame = candidates([[(s, 1) for s in rng.random(20)] for _ in range(50)])
     cfg = ThresholdConfig(search="optuna", num_samples=12)
-    result = search_threshold(frame, target=5.0, cfg=cfg, storage_path=tmp_path)
+    result, _ = search_threshold(frame, np.array([0.0, 5.0]), cfg, tmp_path)
     # 20 uniform scores per image: 5 per image above t = 0.75
     assert result.threshold == pytest.approx(0.75, abs=0.08)
-    assert abs(result.pseudo_instances_per_image - 5.0) < 1.6
 
 
 def test_no_candidates_at_all(ray_local, tmp_path):
     frame = candidates([[], []])
-    result = search_threshold(
-        frame, target=3.0, cfg=ThresholdConfig(num_samples=3), storage_path=tmp_path
-    )
+    cfg = ThresholdConfig(num_samples=3)
+    result, _ = search_threshold(frame, np.array([0.0, 3.0]), cfg, tmp_path)
     assert result.pseudo_instances_per_image == 0.0 and result.threshold == 0.0
+
+
+def test_plot_marks_the_chosen_threshold(ray_local, tmp_path):
+    truth = [
+        Record(f"img{i}.png", np.array([[0, 0, 1, 1]], np.float32), np.array([1]))
+        for i in range(3)
+    ]
+    frame = candidates([[(0.9, 1), (0.4, 1)]] * 3)
+    validation = match_ground_truth(frame, truth)
+    result, trials = search_threshold(
+        frame, np.array([0.0, 1.0]), GRID, tmp_path, validation
+    )
+    assert result.threshold == pytest.approx(0.5)
+    assert (result.precision, result.recall) == (1.0, 1.0)
+    path = plot_thresholds(trials, result, tmp_path / "thresholds.png")
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
+    assert red.sum() > 30  # the chosen point's star
+    text = format_thresholds(result, np.array([0.0, 1.0]), score_table(frame), ["one"])
+    assert "precision 1.000, recall 1.000" in text and "one" in text
+
+
+def test_empty_table_is_harmless():
+    table = ScoreTable(np.zeros(0, np.float32), np.zeros(0, np.int64), 0)
+    assert evaluate_threshold(table, 0.5, np.array([0.0, 1.0]))["gap"] == 1.0

