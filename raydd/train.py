@@ -181,9 +181,9 @@ def _report(
 
 
 def _build(job: TrainJob) -> torch.nn.Module:
-    model = build_model(
-        job.model, job.categories.num_classes, pretrained=job.init_from is None
-    )
+    """The detector, built the way the teacher was (pretrained backbone: frozen batch
+    norm, the same trainable stages) and, for ``init_from``, loaded with its weights."""
+    model = build_model(job.model, job.categories.num_classes, pretrained=True)
     if job.init_from is not None:
         state = torch.load(Path(job.init_from) / MODEL_FILE, weights_only=True)
         model.load_state_dict(state)

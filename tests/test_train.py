@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_MODEL
+from torchvision.ops import FrozenBatchNorm2d
 
 from raydd.config import ModelConfig, TrainConfig
 from raydd.data.coco import DetectionDataset, Record, collate
@@ -106,7 +107,11 @@ def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     head = "roi_heads.box_predictor.cls_score.weight"
     assert (fine_tuned.state_dict()[head] == 0.125).all()
     assert not (retrained.state_dict()[head] == 0.125).any()
-    # both start from the same ImageNet backbone
+    # both are built the same way: frozen batch norm, the same trainable stages
+    for model in (fine_tuned, retrained):
+        assert isinstance(model.backbone.body["1"].conv[0][1], FrozenBatchNorm2d)
+        assert not model.backbone.body["1"].conv[0][0].weight.requires_grad
+    # and start from the same ImageNet backbone
     first_conv = "backbone.body.0.0.weight"
     torch.testing.assert_close(
         retrained.state_dict()[first_conv], fine_tuned.state_dict()[first_conv]
