@@ -28,11 +28,18 @@ def _distill_demo(r: dict) -> list[str]:
         )
     gain = r["student"]["AP"] - r["teacher"]["AP"]
     steps = ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
+    validation = r.get("validation") or {}
+    if validation.get("precision") is not None:
+        rows += [
+            "",
+            f"Pseudo-labels on the validation split at the threshold: precision "
+            f"{validation['precision']:.3f}, recall {validation['recall']:.3f}.",
+        ]
     return rows + [
         "",
         f"Student − teacher: {gain:+.4f} AP. Threshold "
         f"{r['threshold']:.3f}; steps: {steps} "
-        f"(total {sum(r['seconds'].values()) / 60:.1f} min).",
+        f"(steps total {sum(r['seconds'].values()) / 60:.1f} min).",
     ]
 
 
@@ -61,7 +68,8 @@ def main() -> None:
         lines += [
             f"## {title}",
             "",
-            f"{record['machine']}, {record['date']}: `{record['command']}`",
+            f"{record['machine']}, {record['date']}: `{record['command']}`"
+            + (f" ({record['note']})" if "note" in record else ""),
             "",
             *render(record),
             "",

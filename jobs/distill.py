@@ -26,12 +26,14 @@ from raydd.pipeline import run_distillation
 from raydd.runtime import init_ray
 
 
-def smoke_config(workdir: Path, output_dir: str | None) -> Config:
-    """A tiny but complete run on freshly written demo data."""
+def smoke_config(output_dir: str | None, overrides: list[str]) -> Config:
+    """A tiny but complete run on demo data written to a temporary directory."""
+    workdir = Path(tempfile.mkdtemp(prefix="raydd-smoke-"))
     sizes = DemoSizes(labeled=16, unlabeled=24, test=12, validation=8)
     data = write_demo_dataset(workdir / "data", seed=0, sizes=sizes)
     output = output_dir or workdir / "output"
-    return parse_config(demo_smoke(data, output, offline_mobilenet_v2_weights()))
+    raw = demo_smoke(data, output, offline_mobilenet_v2_weights())
+    return parse_config(raw, overrides)
 
 
 def main() -> int:
@@ -51,10 +53,9 @@ def main() -> int:
     if not args.smoke_test and not args.config:
         parser.error("--config is required (or --smoke-test)")
     # [2] Build the config (validated before any work starts)
-    workdir = Path(tempfile.mkdtemp(prefix="raydd-smoke-"))
     try:
         config = (
-            smoke_config(workdir, args.output_dir)
+            smoke_config(args.output_dir, args.overrides)
             if args.smoke_test
             else load_config(args.config, args.overrides)
         )

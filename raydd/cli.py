@@ -80,11 +80,17 @@ def _pseudo_label(config: Config, args: argparse.Namespace) -> None:
 
 def _tune_threshold(config: Config, args: argparse.Namespace) -> None:
     from raydd.pipeline import choose_threshold
-    from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
+    from raydd.pseudo_label import (
+        CANDIDATES_DIR,
+        VALIDATION_CANDIDATES_DIR,
+        read_candidates,
+    )
     from raydd.threshold import PLOT_FILE, THRESHOLD_FILE
 
     out = Path(config.output_dir)
     candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
+    if config.data.validation is not None:
+        _require(out / VALIDATION_CANDIDATES_DIR, "pseudo-label")
     result = choose_threshold(config, candidates)
     print(
         f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "

@@ -155,7 +155,11 @@ def evaluate_threshold(
     return metrics
 
 
-def _precision_recall(table: ScoreTable, threshold: float) -> dict[str, float]:
+def _precision_recall(
+    table: ScoreTable, threshold: float | np.ndarray
+) -> dict[str, float]:
+    """Precision/recall/F1 of the candidates at or above ``threshold`` (one value, or
+    one per candidate)."""
     keep = table.scores >= threshold
     tp = float((table.is_tp & keep).sum())
     precision = tp / keep.sum() if keep.any() else 1.0
@@ -193,7 +197,8 @@ class ThresholdResult:
 
     ``per_class`` maps each label (as a string, for JSON) to its own threshold;
     ``precision``/``recall``/``f1`` are those of the global threshold on the
-    validation split (absent without one).
+    validation split, ``per_class_quality`` those of the per-class thresholds (both
+    absent without one).
     """
 
     threshold: float
@@ -204,6 +209,7 @@ class ThresholdResult:
     precision: float | None = None
     recall: float | None = None
     f1: float | None = None
+    per_class_quality: dict[str, float] | None = None
 
 
 def _best(frame: pd.DataFrame, gap: str) -> pd.Series:
@@ -263,6 +269,12 @@ def search_threshold(
         for label in range(1, len(targets))
     }
     quality = {k: float(best[k]) for k in ("precision", "recall", "f1") if k in best}
+    if validation is not None and validation.is_tp is not None:
+        needed = {int(label): t for label, t in per_class.items()}
+        per_candidate = np.array(
+            [needed.get(int(c), np.inf) for c in validation.labels]
+        )
+        quality["per_class_quality"] = _precision_recall(validation, per_candidate)
     result = ThresholdResult(
         threshold=float(best["threshold"]),
         labeled_instances_per_image=float(targets.sum()),
@@ -314,6 +326,12 @@ def format_thresholds(
             f"validation at the global threshold: precision {result.precision:.3f}, "
             f"recall {result.recall:.3f}, F1 {result.f1:.3f}"
         )
+    if result.per_class_quality is not None:
+        q = result.per_class_quality
+        lines.append(
+            f"validation at the per-class thresholds: precision {q['precision']:.3f}, "
+            f"recall {q['recall']:.3f}, F1 {q['f1']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -351,6 +369,8 @@ def plot_thresholds(
     )
     ax.set_xlabel("score threshold t")
     ax.set_ylabel("instances per image")
+    # near t = 0 every candidate counts; show the range around the target
+    ax.set_ylim(0, max(3 * result.labeled_instances_per_image, 1.0))
     handles, labels = ax.get_legend_handles_labels()
     if "precision" in frame:
         right = ax.twinx()

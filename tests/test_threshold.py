@@ -158,13 +158,17 @@ def test_plot_marks_the_chosen_threshold(ray_local, tmp_path):
     )
     assert result.threshold == pytest.approx(0.5)
     assert (result.precision, result.recall) == (1.0, 1.0)
+    assert result.per_class_quality == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     path = plot_thresholds(trials, result, tmp_path / "thresholds.png")
     image = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
     assert red.sum() > 30  # the chosen point's star
     text = format_thresholds(result, np.array([0.0, 1.0]), score_table(frame), ["one"])
-    assert "precision 1.000, recall 1.000" in text and "one" in text
+    assert "global threshold: precision 1.000, recall 1.000" in text
+    assert (
+        "per-class thresholds: precision 1.000, recall 1.000" in text and "one" in text
+    )
 
 
 def test_empty_table_is_harmless():
