@@ -114,6 +114,24 @@ def _train_student(config: Config, args: argparse.Namespace) -> None:
     print(f"student checkpoint: {path}")
 
 
+def _export(config: Config, args: argparse.Namespace) -> None:
+    from raydd.data.coco import Categories, load_coco
+    from raydd.export import EXPORT_FILE, export_coco
+    from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
+    from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
+
+    out = Path(config.output_dir)
+    candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
+    _require(out / THRESHOLD_FILE, "tune-threshold")
+    used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
+    categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
+    dataset = export_coco(candidates, used, categories, out / EXPORT_FILE)
+    print(
+        f"{len(dataset['annotations'])} pseudo-labels on {len(dataset['images'])} "
+        f"images -> {out / EXPORT_FILE}"
+    )
+
+
 def _evaluate(config: Config, args: argparse.Namespace) -> None:
     from raydd.pipeline import evaluate_all
     from raydd.student import STUDENT_DIR
@@ -203,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train-student",
         "step 4: train the student on labeled + pseudo-labeled data",
         _train_student,
+    )
+    _with_config(
+        sub,
+        "export",
+        "write the pseudo-labels (after the threshold) as a COCO instances JSON",
+        _export,
     )
     _with_config(
         sub, "evaluate", "COCO AP of teacher, teacher with views and student", _evaluate

@@ -29,10 +29,28 @@ from raydd.pseudo_label import predict_dataset
 METRICS = ("AP", "AP50", "AP75")
 
 
+def result_dicts(
+    dets: dict[str, np.ndarray], image_id: int, categories: Categories
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO result dicts (xywh, COCO category ids)."""
+    xywh = box_convert(torch.from_numpy(dets[schema.BOXES]), "xyxy", "xywh").tolist()
+    return [
+        {
+            "image_id": image_id,
+            "bbox": [round(v, 2) for v in box],
+            "category_id": categories.to_category(int(label)),
+            "score": float(score),
+        }
+        for box, label, score in zip(
+            xywh, dets[schema.LABELS], dets[schema.SCORES], strict=True
+        )
+    ]
+
+
 def coco_results(
     predictions: pd.DataFrame, coco: COCO, images_dir: str, categories: Categories
 ) -> list[dict[str, Any]]:
-    """Candidates rows -> COCO result dicts (``bbox`` xywh, COCO category ids)."""
+    """Candidates rows of ``coco``'s images -> COCO result dicts for ``loadRes``."""
     by_path = {
         os.path.normpath(os.path.join(images_dir, img["file_name"])): img["id"]
         for img in coco.dataset["images"]
@@ -40,21 +58,7 @@ def coco_results(
     results = []
     for row in predictions.to_dict("records"):
         image_id = by_path[os.path.normpath(row[schema.PATH])]
-        dets = schema.detections_from_row(row)
-        xywh = box_convert(
-            torch.from_numpy(dets[schema.BOXES]), "xyxy", "xywh"
-        ).tolist()
-        for box, label, score in zip(
-            xywh, dets[schema.LABELS], dets[schema.SCORES], strict=True
-        ):
-            results.append(
-                {
-                    "image_id": image_id,
-                    "bbox": [round(v, 2) for v in box],
-                    "category_id": categories.to_category(int(label)),
-                    "score": float(score),
-                }
-            )
+        results += result_dicts(schema.detections_from_row(row), image_id, categories)
     return results
 
 

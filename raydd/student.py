@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from raydd import schema
 from raydd.config import Config, to_dict
 from raydd.data.coco import Categories, Record, coco_records, load_coco
+from raydd.threshold import above_thresholds
 from raydd.train import TrainJob, fit
 
 STUDENT_DIR = "student"
@@ -33,8 +33,7 @@ def pseudo_records(
     records = []
     for row in candidates[candidates[schema.ERROR] == ""].to_dict("records"):
         dets = schema.detections_from_row(row)
-        needed = [thresholds.get(int(label), np.inf) for label in dets[schema.LABELS]]
-        keep = dets[schema.SCORES] >= np.asarray(needed, np.float32).reshape(-1)
+        keep = above_thresholds(dets, thresholds)
         records.append(
             Record(
                 row[schema.PATH], dets[schema.BOXES][keep], dets[schema.LABELS][keep]

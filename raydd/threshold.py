@@ -295,6 +295,15 @@ def thresholds_by_label(result: ThresholdResult, per_class: bool) -> dict[int, f
     }
 
 
+def above_thresholds(
+    dets: dict[str, np.ndarray], thresholds: dict[int, float]
+) -> np.ndarray:
+    """Mask of the detections scoring at least their label's threshold (labels
+    missing from ``thresholds`` are dropped)."""
+    needed = [thresholds.get(int(label), np.inf) for label in dets[schema.LABELS]]
+    return dets[schema.SCORES] >= np.asarray(needed, np.float32).reshape(-1)
+
+
 def save_threshold(result: ThresholdResult, output_dir: str | Path) -> Path:
     path = Path(output_dir) / THRESHOLD_FILE
     path.write_text(json.dumps(asdict(result), indent=2))

@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "pseudo-label",
     "tune-threshold",
     "train-student",
+    "export",
     "evaluate",
     "run",
 ]
@@ -78,6 +79,9 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     assert main(["train-teacher", str(config), "teacher.iterations=6"]) == 0
     teacher = read_metadata(tmp_path / "out" / "teacher")
     assert (teacher["step"], teacher["resumed_from"]) == (6, 4)
+    assert main(["export", str(config)]) == 0
+    exported = json.loads((tmp_path / "out" / "pseudo_labels.json").read_text())
+    assert len(exported["images"]) == 10 and len(exported["categories"]) == 10
     assert main(["tune-threshold", str(config)]) == 0
     assert json.loads((tmp_path / "out" / "thresholds.json").read_text())["trials"] == 6
 
