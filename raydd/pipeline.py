@@ -58,7 +58,9 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
     in the log. Uses the pseudo-labeled validation split when there is one."""
     out = Path(config.output_dir)
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
-    targets = class_rates(labeled_records(config), categories.num_classes)
+    targets = class_rates(
+        coco_records(config.data.labeled, categories), categories.num_classes
+    )
     validation = None
     if config.data.validation is not None:
         truth = coco_records(config.data.validation, categories)
