@@ -115,7 +115,7 @@ def _train_student(config: Config, args: argparse.Namespace) -> None:
 
 
 def _export(config: Config, args: argparse.Namespace) -> None:
-    from raydd.data.coco import Categories, load_coco
+    from raydd.data.coco import Categories, keypoint_names, load_coco
     from raydd.export import EXPORT_FILE, export_coco
     from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
     from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
@@ -124,8 +124,14 @@ def _export(config: Config, args: argparse.Namespace) -> None:
     candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
     _require(out / THRESHOLD_FILE, "tune-threshold")
     used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
-    categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
-    dataset = export_coco(candidates, used, categories, out / EXPORT_FILE)
+    labeled = load_coco(config.data.labeled.annotations)
+    dataset = export_coco(
+        candidates,
+        used,
+        Categories.from_coco(labeled),
+        out / EXPORT_FILE,
+        keypoint_names(labeled),
+    )
     print(
         f"{len(dataset['annotations'])} pseudo-labels on {len(dataset['images'])} "
         f"images -> {out / EXPORT_FILE}"

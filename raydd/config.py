@@ -10,7 +10,6 @@ path and name before any work starts and raises :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import types
 import typing
@@ -36,10 +35,31 @@ class CocoSplit:
 
 @dataclass(frozen=True)
 class UnlabeledSplit:
-    """Unlabeled images: a folder, a glob (``dir/**/*.jpg``) or a text file of paths."""
+    """Where the unlabeled images come from (see :mod:`raydd.sources`).
+
+    Attributes:
+        images: a folder or glob (local, ``file://``, ``s3://``, ``gs://`` or any
+            fsspec URI), a ``.txt`` file of URIs (one per line), a ``.parquet`` /
+            ``.csv`` manifest with a URI column, or a COCO ``.json`` whose ``images``
+            list names the files.
+        column: the manifest's URI column.
+        root: folder that relative names in a list, manifest or COCO JSON are
+            under; default: the folder holding that file.
+        limit: use only the first ``limit`` images (after sorting a listing).
+        shard_size: images per output shard (one Parquet file each; the unit of
+            resumption).
+        num_shards: split the shards over this many independent jobs ...
+        shard_index: ... of which this job is number ``shard_index`` (0-based):
+            it labels the shards ``s`` with ``s % num_shards == shard_index``.
+    """
 
     images: str
+    column: str = "uri"
+    root: str | None = None
     limit: int | None = None
+    shard_size: int = 1000
+    num_shards: int = 1
+    shard_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,20 +143,37 @@ class ViewConfig:
 
     Attributes:
         scale: shorter side in pixels after resizing; ``None`` keeps the original size.
+        max_size: cap on the longer side after resizing (Detectron's ``MAX_SIZE``);
+            ``None``: no cap.
         hflip: mirror left-right.
     """
 
     scale: int | None = None
+    max_size: int | None = None
     hflip: bool = False
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    """How the views' detections of one image are fused (see :mod:`raydd.ensemble`)."""
+    """How the views' detections of one image are fused (see :mod:`raydd.ensemble`).
+
+    Attributes:
+        method: ``nms``, ``soft_nms``, ``box_voting`` (Detectron's BBOX_VOTE) or
+            ``wbf`` (weighted box fusion).
+        nms_iou: IoU above which NMS suppresses (``nms``, ``box_voting``).
+        vote_iou: IoU at which boxes vote for a kept box (``box_voting``).
+        soft_nms_sigma: Gaussian decay ``exp(-iou^2 / sigma)`` (``soft_nms``).
+        soft_nms_min_score: ``soft_nms`` drops boxes whose decayed score is below.
+        wbf_iou: IoU above which a box joins a cluster (``wbf``).
+        max_detections: cap per image after fusion.
+    """
 
     method: str = "box_voting"
     nms_iou: float = 0.5
     vote_iou: float = 0.8
+    soft_nms_sigma: float = 0.5
+    soft_nms_min_score: float = 0.001
+    wbf_iou: float = 0.55
     max_detections: int = 100
 
 
@@ -145,12 +182,17 @@ class InferenceConfig:
     """Ray Data settings of the inference stage.
 
     ``num_actors``/``num_gpus_per_actor`` of ``None`` are derived from the cluster.
+    ``max_image_size`` caps the longer side of a decoded image (larger images are
+    downscaled right after decoding; boxes still come out in original pixels);
+    ``None`` uses the model's ``max_size`` or the largest view scale, whichever is
+    larger.
     """
 
     batch_size: int = 8
     num_actors: int | None = None
     num_gpus_per_actor: float | None = None
     score_floor: float = 0.0
+    max_image_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,8 +271,11 @@ def resolve_paths(config: Config) -> Config:
         for s in ("labeled", "test", "validation")
         if getattr(data, s) is not None
     }
+    root = data.unlabeled.root
     unlabeled = dataclasses.replace(
-        data.unlabeled, images=_absolute(data.unlabeled.images)
+        data.unlabeled,
+        images=_absolute(data.unlabeled.images),
+        root=root and _absolute(root),
     )
     weights = config.model.backbone_weights
     return dataclasses.replace(
@@ -327,21 +372,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 
 def unlabeled_files(split: UnlabeledSplit) -> list[str]:
-    """Expands the unlabeled ``images`` entry into a sorted list of file paths.
+    """The unlabeled URIs in a fixed order (:func:`raydd.sources.list_images`)."""
+    from raydd.sources import list_images  # late: keeps `import raydd.config` light
 
-    A folder yields every file below it, a glob its matches, and a ``.txt`` file one
-    path per line.
-    """
-    spec = split.images
-    if os.path.isdir(spec):
-        files = [str(p) for p in Path(spec).rglob("*") if p.is_file()]
-    elif spec.endswith(".txt") and os.path.isfile(spec):
-        lines = Path(spec).read_text().splitlines()
-        files = [s.strip() for s in lines if s.strip()]
-    else:
-        files = glob.glob(spec, recursive=True)
-    files = sorted(files)
-    return files[: split.limit] if split.limit is not None else files
+    return list_images(split)
 
 
 def validate(config: Config) -> None:
@@ -359,10 +393,16 @@ def validate(config: Config) -> None:
             continue
         _require_file(f"data.{split}.annotations", coco.annotations)
         _require_dir(f"data.{split}.images", coco.images)
-    if not unlabeled_files(data.unlabeled):
+    split = data.unlabeled
+    if split.shard_size < 1:
+        raise ConfigError("data.unlabeled.shard_size must be at least 1")
+    if split.num_shards < 1 or not 0 <= split.shard_index < split.num_shards:
         raise ConfigError(
-            f"data.unlabeled.images matches no files: {data.unlabeled.images}"
+            "data.unlabeled: need num_shards >= 1 and 0 <= shard_index < num_shards, "
+            f"got {split.shard_index} of {split.num_shards}"
         )
+    if not unlabeled_files(split):
+        raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
     _require_writable("output_dir", config.output_dir)
     if config.model.backbone_weights is not None:
         _require_file("model.backbone_weights", config.model.backbone_weights)
@@ -371,8 +411,17 @@ def validate(config: Config) -> None:
     if not config.views:
         raise ConfigError("views must list at least one view")
     for i, view in enumerate(config.views):
-        if view.scale is not None and view.scale <= 0:
-            raise ConfigError(f"views[{i}].scale must be a positive number of pixels")
+        for key in ("scale", "max_size"):
+            value = getattr(view, key)
+            if value is not None and value <= 0:
+                raise ConfigError(
+                    f"views[{i}].{key} must be a positive number of pixels"
+                )
+    size = config.inference.max_image_size
+    if size is not None and size <= 0:
+        raise ConfigError(
+            "inference.max_image_size must be a positive number of pixels"
+        )
     if not 0.0 < config.student.labeled_share <= 1.0:
         raise ConfigError("student.labeled_share must be in (0, 1]")
     if config.student.init not in ("pretrained", "teacher"):

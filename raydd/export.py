@@ -3,8 +3,10 @@
 The kept candidates (score at or above their label's threshold) of every readable
 unlabeled image become a COCO dataset: ``images`` (ids numbered in path order,
 ``file_name`` the image's path), ``annotations`` (``bbox`` xywh, ``score``, COCO
-category ids) and the labeled set's ``categories``. It trains any COCO-reading
-detector, and its ``annotations`` load with pycocotools' ``loadRes``.
+category ids; ``segmentation`` as compressed RLE when the teacher predicts masks;
+``keypoints``/``num_keypoints`` when it predicts keypoints) and the labeled set's
+``categories`` (with their ``keypoints`` names). It trains any COCO-reading detector,
+and its ``annotations`` load with pycocotools' ``loadRes``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pycocotools import mask as mask_utils
 
 from raydd import schema
 from raydd.data.coco import Categories
@@ -24,7 +27,10 @@ EXPORT_FILE = "pseudo_labels.json"
 
 
 def pseudo_label_coco(
-    candidates: pd.DataFrame, thresholds: dict[int, float], categories: Categories
+    candidates: pd.DataFrame,
+    thresholds: dict[int, float],
+    categories: Categories,
+    keypoint_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The COCO dataset dict of the pseudo-labels (see the module docstring)."""
     images, annotations = [], []
@@ -41,13 +47,27 @@ def pseudo_label_coco(
         dets = schema.detections_from_row(row)
         keep = above_thresholds(dets, thresholds)
         kept = {k: v[keep] for k, v in dets.items()}
-        for ann in result_dicts(kept, image_id, categories):
-            w, h = ann["bbox"][2:]
-            annotations.append(
-                {"id": len(annotations) + 1, **ann, "area": w * h, "iscrowd": 0}
-            )
+        size = [int(row[schema.HEIGHT]), int(row[schema.WIDTH])]
+        for i, ann in enumerate(result_dicts(kept, image_id, categories)):
+            ann = {"id": len(annotations) + 1, **ann, "iscrowd": 0}
+            ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+            if schema.MASKS in kept:
+                rle = {"size": size, "counts": str(kept[schema.MASKS][i])}
+                ann["segmentation"] = rle
+                ann["area"] = int(
+                    mask_utils.area({**rle, "counts": rle["counts"].encode()})
+                )
+            if schema.KEYPOINTS in kept:
+                points = kept[schema.KEYPOINTS][i]
+                ann["keypoints"] = [round(float(v), 2) for v in points]
+                ann["num_keypoints"] = len(points) // 3
+            annotations.append(ann)
     cats = [
-        {"id": i, "name": n}
+        {
+            "id": i,
+            "name": n,
+            **({"keypoints": list(keypoint_names)} if keypoint_names else {}),
+        }
         for i, n in zip(categories.ids, categories.names, strict=True)
     ]
     return {"images": images, "annotations": annotations, "categories": cats}
@@ -58,8 +78,9 @@ def export_coco(
     thresholds: dict[int, float],
     categories: Categories,
     path: str | Path,
+    keypoint_names: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Writes :func:`pseudo_label_coco` to ``path``; returns the dataset dict."""
-    dataset = pseudo_label_coco(candidates, thresholds, categories)
+    dataset = pseudo_label_coco(candidates, thresholds, categories, keypoint_names)
     Path(path).write_text(json.dumps(dataset))
     return dataset

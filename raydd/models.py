@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
@@ -37,23 +37,20 @@ def offline_mobilenet_v2_weights() -> str:
     return str(path)
 
 
-def fasterrcnn_mobilenet_v2_fpn(
-    *,
-    num_classes: int,
-    backbone_weights: str | None = None,
-    trainable_backbone_layers: int = 3,
-    anchor_sizes: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,)),
-    **kwargs: Any,
-) -> FasterRCNN:
-    """Faster R-CNN with an FPN over MobileNetV2 strides 8, 16 and 32 (+ max-pool 64).
+AnchorSizes = tuple[tuple[int, ...], ...]
+DEFAULT_ANCHOR_SIZES: AnchorSizes = ((32,), (64,), (128,), (256,))
+FPN_LEVELS = ("0", "1", "2")  # strides 8, 16, 32; the max-pool level has no RoIs
 
-    Args:
-        num_classes: model outputs, background included.
-        backbone_weights: state dict of torchvision's ``mobilenet_v2`` classifier; when
-            given, batch norm is frozen and only the last ``trainable_backbone_layers``
-            stages train (torchvision's recipe for pretrained backbones).
-        anchor_sizes: one tuple of sizes per FPN level (4 levels).
-        **kwargs: passed to :class:`~torchvision.models.detection.FasterRCNN`.
+
+def _mobilenet_v2_fpn_parts(
+    backbone_weights: str | None,
+    trainable_backbone_layers: int,
+    anchor_sizes: AnchorSizes,
+) -> dict[str, nn.Module]:
+    """Backbone, anchors and box RoI pool shared by every raydd R-CNN builder.
+
+    Returns keyword arguments for torchvision's ``FasterRCNN`` family
+    (``backbone``, ``rpn_anchor_generator``, ``box_roi_pool``).
     """
     pretrained = backbone_weights is not None
     classifier = torchvision.models.mobilenet_v2(
@@ -69,18 +66,101 @@ def fasterrcnn_mobilenet_v2_fpn(
     )
     anchor_sizes = tuple(tuple(s) for s in anchor_sizes)
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-    roi_pool = MultiScaleRoIAlign(["0", "1", "2"], output_size=7, sampling_ratio=2)
-    return FasterRCNN(
-        backbone,
+    return {
+        "backbone": backbone,
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": MultiScaleRoIAlign(
+            list(FPN_LEVELS), output_size=7, sampling_ratio=2
+        ),
+    }
+
+
+def fasterrcnn_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """Faster R-CNN with an FPN over MobileNetV2 strides 8, 16 and 32 (+ max-pool 64).
+
+    Args:
+        num_classes: model outputs, background included.
+        backbone_weights: state dict of torchvision's ``mobilenet_v2`` classifier; when
+            given, batch norm is frozen and only the last ``trainable_backbone_layers``
+            stages train (torchvision's recipe for pretrained backbones).
+        anchor_sizes: one tuple of sizes per FPN level (4 levels).
+        **kwargs: passed to :class:`~torchvision.models.detection.FasterRCNN`.
+    """
+    parts = _mobilenet_v2_fpn_parts(
+        backbone_weights, trainable_backbone_layers, anchor_sizes
+    )
+    return FasterRCNN(num_classes=num_classes, **parts, **kwargs)
+
+
+def maskrcnn_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES,
+    **kwargs: Any,
+) -> MaskRCNN:
+    """Mask R-CNN on the backbone of :func:`fasterrcnn_mobilenet_v2_fpn`.
+
+    Training targets add ``masks`` (uint8 ``[N, H, W]``); detections add ``masks``
+    (float32 ``[N, 1, H, W]`` probabilities, original image size). Arguments as for
+    :func:`fasterrcnn_mobilenet_v2_fpn`; ``**kwargs`` go to
+    :class:`~torchvision.models.detection.MaskRCNN`.
+    """
+    parts = _mobilenet_v2_fpn_parts(
+        backbone_weights, trainable_backbone_layers, anchor_sizes
+    )
+    mask_pool = MultiScaleRoIAlign(list(FPN_LEVELS), output_size=14, sampling_ratio=2)
+    return MaskRCNN(num_classes=num_classes, mask_roi_pool=mask_pool, **parts, **kwargs)
+
+
+def keypointrcnn_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    num_keypoints: int = 17,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES,
+    **kwargs: Any,
+) -> KeypointRCNN:
+    """Keypoint R-CNN on the backbone of :func:`fasterrcnn_mobilenet_v2_fpn`.
+
+    Training targets add ``keypoints`` (float32 ``[N, K, 3]``: x, y, visibility);
+    detections add ``keypoints`` (float32 ``[N, K, 3]``, visibility column 1) and
+    ``keypoints_scores`` (``[N, K]``). The keypoint head is class-agnostic.
+
+    Args:
+        num_keypoints: ``K``, keypoints per instance (17 for COCO persons; set it
+            through ``model.kwargs`` in the run config).
+        **kwargs: passed to :class:`~torchvision.models.detection.KeypointRCNN`;
+            the other arguments as for :func:`fasterrcnn_mobilenet_v2_fpn`.
+    """
+    parts = _mobilenet_v2_fpn_parts(
+        backbone_weights, trainable_backbone_layers, anchor_sizes
+    )
+    keypoint_pool = MultiScaleRoIAlign(
+        list(FPN_LEVELS), output_size=14, sampling_ratio=2
+    )
+    return KeypointRCNN(
         num_classes=num_classes,
-        rpn_anchor_generator=anchors,
-        box_roi_pool=roi_pool,
+        num_keypoints=num_keypoints,
+        keypoint_roi_pool=keypoint_pool,
+        **parts,
         **kwargs,
     )
 
 
 RAYDD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn_mobilenet_v2_fpn": fasterrcnn_mobilenet_v2_fpn,
+    "maskrcnn_mobilenet_v2_fpn": maskrcnn_mobilenet_v2_fpn,
+    "keypointrcnn_mobilenet_v2_fpn": keypointrcnn_mobilenet_v2_fpn,
 }
 
 
@@ -129,6 +209,18 @@ def build_model(
     return torchvision.models.get_model(
         config.name, weights=None, weights_backbone=weights_backbone, **common
     )
+
+
+def has_masks(model: nn.Module) -> bool:
+    """Whether ``model``'s detections carry ``masks`` (an R-CNN with a mask head)."""
+    has_mask = getattr(getattr(model, "roi_heads", None), "has_mask", None)
+    return bool(has_mask()) if has_mask is not None else False
+
+
+def has_keypoints(model: nn.Module) -> bool:
+    """Whether ``model``'s detections carry ``keypoints`` and ``keypoints_scores``."""
+    has_keypoint = getattr(getattr(model, "roi_heads", None), "has_keypoint", None)
+    return bool(has_keypoint()) if has_keypoint is not None else False
 
 
 def permissive_inference(model: nn.Module, max_detections: int) -> nn.Module:

@@ -2,20 +2,22 @@
 
 ::
 
-    read_binary_files ──► decode_batch (CPU) ──► Predictor (actor pool, GPU if any)
-                                                        │ every view of every image,
-                                                        │ boxes mapped back, fused
-                                                        ▼
-                                               write_parquet (one row per image)
+    plan (path, shard, index) ──► load_batch (CPU: fetch, decode, downscale)
+        ──► Predictor (actor pool, GPU if any): every view of a batch, detections
+            mapped back and fused; masks / keypoints of the fused boxes averaged
+            over the views
+        ──► ShardWriter (driver): part-00000.parquet, ... one per input shard
 
-Inference, inverse transforms and fusion of one image happen in one actor call: no
-shuffle or group-by crosses the cluster.
+Inference, inverse transforms and fusion of an image happen in one actor call: no
+shuffle or group-by crosses the cluster. Output shards are deterministic and written
+atomically, so a killed run re-started with the same config resumes
+(:mod:`raydd.shards`). Unreadable inputs keep their row, with the reason in
+``error``, and are listed in ``errors.csv``.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,34 +29,74 @@ import pandas as pd
 import pyarrow as pa
 import ray
 import torch
+from torch import nn
+from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
 from raydd import schema
-from raydd.checkpoint import load_detector
+from raydd.checkpoint import MODEL_FILE, load_detector
 from raydd.config import (
     Config,
     EnsembleConfig,
     InferenceConfig,
     ViewConfig,
+    to_dict,
     unlabeled_files,
 )
-from raydd.data.coco import image_paths
-from raydd.data.images import decode_batch, to_tensor
+from raydd.data.coco import (
+    image_paths,
+    keypoint_flip_permutation,
+    keypoint_names,
+    load_coco,
+)
+from raydd.data.images import to_tensor
 from raydd.ensemble import fuse
+from raydd.masks import mask_rles
 from raydd.models import permissive_inference
+from raydd.shards import (
+    ShardWriter,
+    fingerprint,
+    finished_shards,
+    make_plan,
+)
+from raydd.sources import load_batch
 from raydd.views import View
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES_DIR = "candidates"
 VALIDATION_CANDIDATES_DIR = "validation_candidates"
+ERRORS_FILE = "errors.csv"
+_NOT_WRITTEN = (schema.IMAGE, "bytes")
+
+
+def _detach_branch(model: nn.Module, kind: str) -> tuple[nn.Module, ...] | None:
+    """Takes the ``mask`` or ``keypoint`` branch off a torchvision R-CNN.
+
+    The detection pass then predicts boxes only (torchvision's ``RoIHeads`` skips a
+    branch whose RoI pool is ``None``); the branch runs later on the *fused* boxes.
+    """
+    heads = getattr(model, "roi_heads", None)
+    parts = tuple(
+        getattr(heads, f"{kind}_{p}", None) for p in ("roi_pool", "head", "predictor")
+    )
+    if heads is None or any(p is None for p in parts):
+        return None
+    setattr(heads, f"{kind}_roi_pool", None)
+    return parts
 
 
 class Predictor:
     """Model-holding Ray Data stage: all views of a batch, mapped back and fused.
 
-    Reads ``path``, ``image``, ``height``, ``width``, ``error``; returns a
-    :data:`raydd.schema.CANDIDATES_SCHEMA` table (``image`` dropped). Rows whose
-    ``error`` is set get zero detections.
+    Reads the batch of :func:`raydd.sources.load_batch` (``path``, ``image``,
+    ``height``, ``width``, ``error`` + pass-through columns) and returns a candidates
+    table (:func:`raydd.schema.candidates_schema`) plus the pass-through columns. Rows
+    whose ``error`` is set get zero detections. Boxes come out in the pixels of the
+    *original* image even when ``image`` was downscaled on load.
+
+    Masks and keypoints follow Detectron's test-time augmentation: the boxes are fused
+    first, then every view predicts the soft mask (heatmaps) of each *fused* box,
+    mirrored back under a flip and averaged (``SOFT_AVG`` / ``HM_AVG``).
 
     Args:
         checkpoint: directory written by :func:`raydd.checkpoint.save_detector`.
@@ -62,6 +104,8 @@ class Predictor:
         ensemble: fusion settings (also caps detections per image).
         score_floor: detections below this score are not kept at all.
         num_threads: torch threads when running on the CPU.
+        keypoint_flip: for each keypoint, the index of its mirror image (left eye ->
+            right eye); default: no swap.
     """
 
     def __init__(
@@ -71,56 +115,166 @@ class Predictor:
         ensemble: EnsembleConfig,
         score_floor: float = 0.0,
         num_threads: int = 1,
+        keypoint_flip: Sequence[int] | None = None,
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads)
         model, _ = load_detector(checkpoint, self.device)
         self.model = permissive_inference(model, ensemble.max_detections)
+        self.mask_branch = _detach_branch(self.model, "mask")
+        self.keypoint_branch = _detach_branch(self.model, "keypoint")
+        self.num_keypoints = (
+            self.keypoint_branch[2].out_channels if self.keypoint_branch else 0
+        )
+        self.keypoint_flip = list(keypoint_flip or range(self.num_keypoints))
         self.views = [View.from_config(v) for v in views]
         self.ensemble = ensemble
         self.score_floor = score_floor
+        self.schema = schema.candidates_schema(
+            masks=self.mask_branch is not None, keypoints=self.num_keypoints > 0
+        )
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Detections of each ``uint8 [H, W, 3]`` image in original-image pixels."""
-        tensors = [to_tensor(i) for i in images]
-        sizes = [t.shape[-2:] for t in tensors]
-        per_image: list[list[dict[str, torch.Tensor]]] = [[] for _ in tensors]
-        for view in self.views:
-            outputs = self.model([view.apply(t).to(self.device) for t in tensors])
-            for dets, out, (h, w) in zip(per_image, outputs, sizes, strict=True):
-                out = {k: v.cpu() for k, v in out.items()}
-                out["boxes"] = view.invert_boxes(out["boxes"], h, w)
-                dets.append(out)
-        return [self._fuse(dets) for dets in per_image]
-
-    def _fuse(self, dets: list[dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
-        boxes, scores, labels = (
-            torch.cat([d[k] for d in dets]) for k in ("boxes", "scores", "labels")
-        )
-        if len(dets) > 1:
-            boxes, scores, labels = fuse(boxes, scores, labels, self.ensemble)
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Detections of each ``uint8 [h, w, 3]`` image, in pixels of an original
+        image of ``sizes[i] = (height, width)`` (default: the image's own size)."""
+        if not images:  # e.g. a batch of unreadable files only
+            return []
+        tensors = [to_tensor(i).to(self.device) for i in images]
+        shapes = [tuple(t.shape[-2:]) for t in tensors]
+        boxes, scores, labels, owners = self._detect(tensors, shapes)
         keep = scores >= self.score_floor
+        boxes, scores, labels, owners = (
+            x[keep] for x in (boxes, scores, labels, owners)
+        )
+        counts = torch.bincount(owners, minlength=len(tensors)).tolist()
+        per_image = list(
+            zip(*(x.split(counts) for x in (boxes, scores, labels)), strict=True)
+        )
+        maps = self._instance_maps(
+            tensors,
+            shapes,
+            [b for b, _, _ in per_image],
+            [lab for *_, lab in per_image],
+        )
+        results = []
+        for i, (b, s, lab) in enumerate(per_image):
+            h, w = shapes[i]
+            height, width = sizes[i] if sizes is not None else (h, w)
+            factor = torch.tensor([width / w, height / h] * 2, device=b.device)
+            dets = {
+                schema.BOXES: (b * factor).cpu().numpy(),
+                schema.SCORES: s.cpu().numpy(),
+                schema.LABELS: lab.cpu().numpy(),
+            }
+            if "masks" in maps:
+                dets[schema.MASKS] = mask_rles(
+                    maps["masks"][i], b * factor, height, width
+                )
+            if "keypoints" in maps:
+                dets.update(self._keypoints(maps["keypoints"][i], b, factor))
+            results.append(dets)
+        return results
+
+    def _detect(
+        self, tensors: list[torch.Tensor], shapes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, ...]:
+        """Every view's detections mapped back to the (loaded) images, fused."""
+        boxes, scores, labels, owners = [], [], [], []
+        for view in self.views:
+            outputs = self.model([view.apply(t) for t in tensors])
+            for i, (out, (h, w)) in enumerate(zip(outputs, shapes, strict=True)):
+                boxes.append(view.invert_boxes(out["boxes"], h, w))
+                scores.append(out["scores"])
+                labels.append(out["labels"])
+                owners.append(torch.full_like(out["labels"], i))
+        merged = [torch.cat(x) for x in (boxes, scores, labels, owners)]
+        if len(self.views) == 1:
+            return tuple(merged)  # the model's own output: sorted, capped
+        return fuse(*merged, self.ensemble, num_views=len(self.views))
+
+    def _instance_maps(
+        self,
+        tensors: list[torch.Tensor],
+        shapes: list[tuple[int, int]],
+        boxes: list[torch.Tensor],
+        labels: list[torch.Tensor],
+    ) -> dict[str, list[torch.Tensor]]:
+        """Soft masks ``[N, M, M]`` / keypoint heatmaps ``[N, K, S, S]`` of the fused
+        boxes of each image, averaged over the views (box-relative grids)."""
+        branches = {
+            name: branch
+            for name, branch in (
+                ("masks", self.mask_branch),
+                ("keypoints", self.keypoint_branch),
+            )
+            if branch is not None
+        }
+        if not branches or sum(len(b) for b in boxes) == 0:
+            return {}
+        totals: dict[str, torch.Tensor] = {}
+        label = torch.cat(labels)
+        for view in self.views:
+            batch, _ = self.model.transform([view.apply(t) for t in tensors])
+            features = self.model.backbone(batch.tensors)
+            rois = [
+                view.apply_boxes(b, h, w)
+                for b, (h, w) in zip(boxes, shapes, strict=True)
+            ]
+            for name, (pool, head, predictor) in branches.items():
+                out = predictor(head(pool(features, rois, batch.image_sizes)))
+                if name == "masks":  # the soft mask of each box's own class
+                    out = out[torch.arange(len(out)), label].sigmoid()
+                    out = view.invert_masks(out)
+                else:
+                    out = view.invert_heatmaps(out, self.keypoint_flip)
+                totals[name] = out if name not in totals else totals[name] + out
+        counts = [len(b) for b in boxes]
+        return {k: (v / len(self.views)).split(counts) for k, v in totals.items()}
+
+    def _keypoints(
+        self, heatmaps: torch.Tensor, boxes: torch.Tensor, factor: torch.Tensor
+    ) -> dict[str, np.ndarray]:
+        """COCO keypoint triplets (original pixels, ``v = 2``) and their scores."""
+        n = len(boxes)
+        if n == 0:
+            empty = schema.empty_detections(self.num_keypoints)
+            return {k: empty[k] for k in (schema.KEYPOINTS, schema.KEYPOINT_SCORES)}
+        points, point_scores = heatmaps_to_keypoints(heatmaps, boxes)
+        points[..., :2] *= factor[:2]
+        points[..., 2] = 2.0  # COCO: labeled and visible
         return {
-            schema.BOXES: boxes[keep].numpy(),
-            schema.SCORES: scores[keep].numpy(),
-            schema.LABELS: labels[keep].numpy(),
+            schema.KEYPOINTS: points.reshape(n, -1).cpu().numpy(),
+            schema.KEYPOINT_SCORES: point_scores.cpu().numpy(),
         }
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        ok = [i for i, e in enumerate(batch[schema.ERROR]) if not e]
-        detections = dict(
-            zip(ok, self.predict([batch[schema.IMAGE][i] for i in ok]), strict=True)
+        errors = batch[schema.ERROR]
+        ok = [i for i, e in enumerate(errors) if not e]
+        found = self.predict(
+            [batch[schema.IMAGE][i] for i in ok],
+            [(int(batch[schema.HEIGHT][i]), int(batch[schema.WIDTH][i])) for i in ok],
         )
-        rows = []
-        for i in range(len(batch[schema.PATH])):
-            row = {
-                k: batch[k][i]
-                for k in (schema.PATH, schema.HEIGHT, schema.WIDTH, schema.ERROR)
+        detections = dict(zip(ok, found, strict=True))
+        empty = schema.empty_detections(self.num_keypoints)
+        rows = [
+            {
+                **{k: batch[k][i] for k in (schema.PATH, schema.HEIGHT, schema.WIDTH)},
+                schema.ERROR: errors[i],
+                **detections.get(i, empty),
             }
-            rows.append({**row, **detections.get(i, schema.empty_detections())})
-        return schema.candidates_table(rows)
+            for i in range(len(errors))
+        ]
+        table = schema.candidates_table(rows, self.schema)
+        for name, column in batch.items():  # e.g. shard and index of the plan
+            if name not in table.column_names and name not in _NOT_WRITTEN:
+                table = table.append_column(name, pa.array(column))
+        return table
 
 
 @dataclass(frozen=True)
@@ -154,17 +308,31 @@ def plan_pool(inference: InferenceConfig) -> Pool:
     return Pool(max(1, inference.num_actors or actors), num_gpus, threads)
 
 
+def max_image_size(config: Config) -> int:
+    """Longer side images are downscaled to right after decoding."""
+    if config.inference.max_image_size is not None:
+        return config.inference.max_image_size
+    scales = [v.scale for v in config.views if v.scale is not None]
+    return max([config.model.max_size, *scales])
+
+
 def predict_dataset(
-    paths: Sequence[str],
+    images: Sequence[str] | ray.data.Dataset,
     checkpoint: str,
     views: Sequence[ViewConfig],
     ensemble: EnsembleConfig,
     inference: InferenceConfig,
+    max_size: int | None = None,
+    keypoint_flip: Sequence[int] | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Ray Dataset of candidates for ``paths`` (one row per path)."""
+    """The lazy Ray Dataset of candidates of ``images``: URIs, or a dataset with a
+    ``path`` column (other columns pass through). One row per input row."""
     pool = plan_pool(inference)
-    ds = ray.data.read_binary_files(list(paths), include_paths=True)
-    ds = ds.map_batches(decode_batch, batch_size=inference.batch_size)
+    if not isinstance(images, ray.data.Dataset):
+        images = ray.data.from_items([{schema.PATH: p} for p in images])
+    ds = images.map_batches(
+        load_batch, fn_kwargs={"max_size": max_size}, batch_size=inference.batch_size
+    )
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs=dict(
@@ -173,12 +341,97 @@ def predict_dataset(
             ensemble=ensemble,
             score_floor=inference.score_floor,
             num_threads=pool.num_threads,
+            keypoint_flip=keypoint_flip,
         ),
         batch_size=inference.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.actors),
         num_gpus=pool.num_gpus,
         num_cpus=1,
     )
+
+
+@dataclass(frozen=True)
+class LabelingResult:
+    candidates: str
+    images: int
+    errors: int
+    skipped_shards: int
+    seconds: float
+
+
+def label_images(
+    uris: Sequence[str],
+    checkpoint: str,
+    config: Config,
+    directory: str | Path,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> LabelingResult:
+    """Labels ``uris`` into ``directory/part-*.parquet``, resuming a killed run.
+
+    Shards finished by an earlier run with the same inputs, teacher and settings are
+    skipped; the rest stream through :func:`predict_dataset` and are written as they
+    complete.
+    """
+    start = time.perf_counter()
+    shard_size = config.data.unlabeled.shard_size
+    settings = {
+        "teacher": _file_identity(Path(checkpoint) / MODEL_FILE),
+        "views": [to_dict(v) for v in config.views],
+        "ensemble": to_dict(config.ensemble),
+        "inference": {
+            "score_floor": config.inference.score_floor,
+            "max_image_size": max_image_size(config),
+        },
+        "shard_size": shard_size,
+    }
+    done = finished_shards(directory, fingerprint(uris, settings))
+    plan = make_plan(uris, shard_size, num_shards, shard_index)
+    shards = plan.column("shard").to_numpy()
+    todo = sorted(set(np.unique(shards).tolist()) - done)
+    logger.info(
+        "pseudo-labeling %d images (%d shards to do, %d already done) with %d views",
+        len(plan),
+        len(todo),
+        len(set(shards.tolist()) & done),
+        len(config.views),
+    )
+    if todo:
+        # the plan is sorted by shard: each shard is one contiguous slice
+        starts = np.searchsorted(shards, todo, side="left")
+        ends = np.searchsorted(shards, todo, side="right")
+        blocks = [plan.slice(a, b - a) for a, b in zip(starts, ends, strict=True)]
+        writer = ShardWriter(directory, dict(zip(todo, ends - starts, strict=True)))
+        found = predict_dataset(
+            ray.data.from_arrow(blocks),  # one block per shard: parallel reads
+            checkpoint,
+            config.views,
+            config.ensemble,
+            config.inference,
+            max_size=max_image_size(config),
+            keypoint_flip=_keypoint_flip(config),
+        )
+        for table in found.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(table)
+        writer.close()
+    table = read_candidates(directory, columns=[schema.PATH, schema.ERROR])
+    return LabelingResult(
+        str(directory),
+        len(table),
+        int((table[schema.ERROR] != "").sum()),
+        len(set(shards.tolist()) & done),
+        time.perf_counter() - start,
+    )
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _keypoint_flip(config: Config) -> list[int] | None:
+    names = keypoint_names(load_coco(config.data.labeled.annotations))
+    return keypoint_flip_permutation(names) if names else None
 
 
 @dataclass(frozen=True)
@@ -189,53 +442,45 @@ class PseudoLabelResult:
     seconds: float
 
 
-def _write_candidates(
-    paths: Sequence[str], checkpoint: str, config: Config, out: Path
-) -> pd.DataFrame:
-    shutil.rmtree(out, ignore_errors=True)
-    ds = predict_dataset(
-        paths, checkpoint, config.views, config.ensemble, config.inference
-    )
-    ds.write_parquet(str(out.resolve()))
-    return read_candidates(out)
-
-
 def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     """Runs the teacher with every view on the unlabeled set; writes Parquet candidates.
 
-    Writes ``OUTPUT_DIR/candidates/*.parquet`` (replacing an earlier run's) and an
-    ``errors.csv`` of images that could not be decoded. With a validation split, its
-    images are pseudo-labeled the same way into ``OUTPUT_DIR/validation_candidates``.
+    Writes ``OUTPUT_DIR/candidates/part-*.parquet`` (resuming an interrupted run with
+    the same settings) and ``errors.csv`` (``uri``, ``reason``) of the inputs that
+    could not be read or decoded. With a validation split, its images are labeled the
+    same way into ``OUTPUT_DIR/validation_candidates`` (by shard 0's job only).
     """
     start = time.perf_counter()
     output = Path(config.output_dir)
-    paths = unlabeled_files(config.data.unlabeled)
-    logger.info(
-        "pseudo-labeling %d images with %d views", len(paths), len(config.views)
+    split = config.data.unlabeled
+    result = label_images(
+        unlabeled_files(split),
+        teacher_checkpoint,
+        config,
+        output / CANDIDATES_DIR,
+        split.num_shards,
+        split.shard_index,
     )
-    table = _write_candidates(
-        paths, teacher_checkpoint, config, output / CANDIDATES_DIR
-    )
-    errors = table[table[schema.ERROR] != ""][[schema.PATH, schema.ERROR]]
+    errors = read_candidates(result.candidates, columns=[schema.PATH, schema.ERROR])
+    errors = errors[errors[schema.ERROR] != ""]
     errors.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"}).to_csv(
-        output / "errors.csv", index=False
+        output / ERRORS_FILE, index=False
     )
-    if config.data.validation is not None:
-        _write_candidates(
+    if config.data.validation is not None and split.shard_index == 0:
+        label_images(
             image_paths(config.data.validation),
             teacher_checkpoint,
             config,
             output / VALIDATION_CANDIDATES_DIR,
         )
     return PseudoLabelResult(
-        str(output / CANDIDATES_DIR),
-        len(table),
-        len(errors),
-        time.perf_counter() - start,
+        result.candidates, result.images, len(errors), time.perf_counter() - start
     )
 
 
-def read_candidates(directory: str | Path) -> pd.DataFrame:
+def read_candidates(
+    directory: str | Path, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Reads the candidates Parquet written by :func:`pseudo_label`, sorted by path."""
-    frame = pd.read_parquet(directory)
+    frame = pd.read_parquet(directory, columns=list(columns) if columns else None)
     return frame.sort_values(schema.PATH, ignore_index=True)

@@ -60,3 +60,49 @@ def test_report_renders_the_results(tmp_path, monkeypatch):
     }
     lines = module["_threshold_search"](record)
     assert lines[-1] == "| 1,000,000 | 41 | 12.5 | 0.500 | 0.900 | 0.800 |"
+
+
+def test_fusion_smoke(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "fusion.json"
+    monkeypatch.setattr(
+        sys, "argv", ["fusion.py", "--smoke", "--results", str(results)]
+    )
+    runpy.run_path(str(BENCHMARKS / "fusion.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    assert record["smoke"] is True and record["detections"] == 80
+    assert record["wbf_equal_output"] is True
+    assert set(record["images_per_s"]) == {
+        "nms",
+        "soft_nms",
+        "box_voting",
+        "wbf",
+        "ensemble_boxes_wbf",
+    }
+    assert "speed-up over ensemble-boxes" in capsys.readouterr().out
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    assert module["_fusion"](record)[0] == "| method | images/s |"
+
+
+def test_pseudo_label_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "throughput.json"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pseudo_label_throughput.py",
+            "--smoke",
+            "--canvas",
+            "128",
+            "--results",
+            str(results),
+        ],
+    )
+    runpy.run_path(str(BENCHMARKS / "pseudo_label_throughput.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    assert record["smoke"] is True and record["bare_images_per_s"] > 0
+    assert record["pipeline"]["N"]["images"] == 6
+    assert record["pipeline"]["10N"]["images"] == 60
+    assert record["pipeline"]["10N"]["peak_pss_mb"] > 100  # Ray's processes counted
+    assert "pipeline(10N) / bare loop" in capsys.readouterr().out
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    assert module["_pseudo_label_throughput"](record)[2].startswith("| bare torch")

@@ -4,7 +4,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.data.coco import keypoint_flip_permutation
+from raydd.data.demo import (
+    KEYPOINT_NAMES,
+    DemoSizes,
+    extreme_points,
+    write_demo_dataset,
+)
 
 
 def test_boxes_and_masks_are_exact(demo_dir):
@@ -37,3 +43,50 @@ def test_same_seed_same_data(tmp_path):
     assert (a / "test" / "test_00001.png").read_bytes() == (
         b / "test" / "test_00001.png"
     ).read_bytes()
+
+
+def test_keypoints_are_the_extreme_stroke_pixels(demo_dir):
+    coco = json.loads((demo_dir / "labeled.json").read_text())
+    assert all(c["keypoints"] == list(KEYPOINT_NAMES) for c in coco["categories"])
+    assert all(
+        1 <= i <= 4 for c in coco["categories"] for pair in c["skeleton"] for i in pair
+    )
+    for ann in coco["annotations"]:
+        assert ann["num_keypoints"] == 4 and ann["keypoints"][2::3] == [2] * 4
+        points = np.reshape(ann["keypoints"], (4, 3))[:, :2]
+        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        x, y, w, h = ann["bbox"]
+        assert ((points > (x, y)) & (points < (x + w, y + h))).all()
+        columns, rows = (points - 0.5).astype(int).T
+        assert mask[rows, columns].all()
+        ys, xs = np.nonzero(mask)
+        top, bottom, left, right = points
+        assert (top[1], bottom[1]) == (ys.min() + 0.5, ys.max() + 0.5)
+        assert (left[0], right[0]) == (xs.min() + 0.5, xs.max() + 0.5)
+
+
+def test_extreme_points_of_a_drawn_shape():
+    mask = np.zeros((8, 10), bool)
+    mask[1, 3:6] = True  # top row: x 3, 4, 5 -> middle 4
+    mask[2:6, 2] = True  # left column: y 2..5 -> lower middle 3
+    mask[6, 4:6] = True  # bottom row: x 4, 5 -> lower middle 4
+    mask[4, 8] = True  # right
+    expected = [[4.5, 1.5], [4.5, 6.5], [2.5, 3.5], [8.5, 4.5]]
+    np.testing.assert_array_equal(extreme_points(mask), expected)
+
+
+def test_left_and_right_swap_under_horizontal_flip(demo_dir):
+    coco = json.loads((demo_dir / "labeled.json").read_text())
+    permutation = keypoint_flip_permutation(KEYPOINT_NAMES)
+    for ann in coco["annotations"]:
+        mask = mask_utils.decode(ann["segmentation"]).astype(bool)
+        width = mask.shape[1]
+        old = extreme_points(mask)
+        new = extreme_points(mask[:, ::-1])
+        mirrored = np.stack([width - old[:, 0], old[:, 1]], axis=1)[permutation]
+        # left and right are exact; top and bottom keep their row and move by at
+        # most one pixel (the middle of an even count is not mirror-symmetric)
+        np.testing.assert_array_equal(new[2:], mirrored[2:])
+        np.testing.assert_array_equal(new[:2, 1], mirrored[:2, 1])
+        assert np.abs(new[:2, 0] - mirrored[:2, 0]).max() <= 1
+        assert (new[3, 0], new[3, 1]) == (width - old[2, 0], old[2, 1])

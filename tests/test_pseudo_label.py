@@ -1,32 +1,59 @@
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import TINY_MODEL
+import yaml
+from conftest import TINY_MODEL, tiny_config
+from PIL import Image
 
 from raydd import schema
 from raydd.checkpoint import save_detector
-from raydd.config import EnsembleConfig, InferenceConfig, ModelConfig, ViewConfig
+from raydd.config import (
+    EnsembleConfig,
+    InferenceConfig,
+    ModelConfig,
+    ViewConfig,
+    parse_config,
+)
 from raydd.data.coco import Categories
 from raydd.data.images import load_rgb
+from raydd.masks import decode_rle
 from raydd.models import build_model
-from raydd.pseudo_label import Predictor, predict_dataset
+from raydd.pseudo_label import (
+    CANDIDATES_DIR,
+    ERRORS_FILE,
+    Predictor,
+    label_images,
+    predict_dataset,
+    pseudo_label,
+    read_candidates,
+)
+from raydd.shards import part_name
+from raydd.teacher import TEACHER_DIR
 
 VIEWS = [ViewConfig(), ViewConfig(scale=160), ViewConfig(hflip=True)]
+DIGITS = Categories(tuple(range(1, 11)), tuple(map(str, range(10))))
+
+
+def _save_untrained(path, weights, name="fasterrcnn_mobilenet_v2_fpn", **kwargs):
+    """An untrained detector (pretrained backbone, random heads): plenty of boxes."""
+    torch.manual_seed(0)
+    model = dict(TINY_MODEL, kwargs={**TINY_MODEL["kwargs"], **kwargs})
+    config = ModelConfig(name=name, backbone_weights=weights, **model)
+    save_detector(path, build_model(config, num_classes=11), config, DIGITS)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, weights):
-    """An untrained detector (pretrained backbone, random heads): plenty of boxes."""
-    torch.manual_seed(0)
-    config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
-    model = build_model(config, num_classes=11)
-    path = tmp_path_factory.mktemp("ckpt")
-    save_detector(
-        path, model, config, Categories(tuple(range(1, 11)), tuple(map(str, range(10))))
-    )
-    return str(path)
+    return _save_untrained(tmp_path_factory.mktemp("ckpt"), weights)
 
 
 def test_views_are_mapped_back_into_the_original_image(checkpoint, demo_dir):
@@ -50,6 +77,122 @@ def test_single_identity_view_is_the_model_output(checkpoint, demo_dir):
         tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
         direct = predictor.model([tensor])[0]
     np.testing.assert_allclose(ours[schema.BOXES], direct["boxes"].numpy(), atol=1e-4)
+
+
+def test_downscaled_images_get_boxes_in_original_pixels(checkpoint, demo_dir):
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    predictor = Predictor(checkpoint, VIEWS, EnsembleConfig())
+    own = predictor.predict([image])[0]
+    original = predictor.predict([image], sizes=[(256, 384)])[0]  # loaded at 1/2, 1/3
+    np.testing.assert_allclose(
+        original[schema.BOXES], own[schema.BOXES] * [3, 2, 3, 2], rtol=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def mask_checkpoint(tmp_path_factory, weights):
+    return _save_untrained(
+        tmp_path_factory.mktemp("mask"), weights, "maskrcnn_mobilenet_v2_fpn"
+    )
+
+
+@pytest.fixture(scope="module")
+def keypoint_checkpoint(tmp_path_factory, weights):
+    return _save_untrained(
+        tmp_path_factory.mktemp("kp"),
+        weights,
+        "keypointrcnn_mobilenet_v2_fpn",
+        num_keypoints=4,
+    )
+
+
+def test_one_view_masks_are_the_mask_rcnn_masks(mask_checkpoint, demo_dir):
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    ours = Predictor(mask_checkpoint, [ViewConfig()], EnsembleConfig()).predict(
+        [image]
+    )[0]
+    model = build_model(
+        ModelConfig(name="maskrcnn_mobilenet_v2_fpn", **TINY_MODEL), 11, False
+    )
+    model.load_state_dict(torch.load(f"{mask_checkpoint}/model.pt"))
+    from raydd.models import permissive_inference
+
+    model = permissive_inference(model.eval(), 100)
+    with torch.inference_mode():
+        direct = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+    assert len(ours[schema.MASKS]) == len(direct["masks"]) > 0
+    for rle, soft in zip(ours[schema.MASKS], direct["masks"], strict=True):
+        mask = decode_rle(rle, *image.shape[:2])
+        np.testing.assert_array_equal(mask, (soft[0] > 0.5).numpy())
+
+
+def _mirror_pair(checkpoint, demo_dir, **kwargs):
+    """Results of the identity view on an image and of the flip view on its mirror:
+    the flip view sees exactly the original pixels, so after mapping back its output
+    must be the mirror image of the identity view's."""
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    plain = Predictor(checkpoint, [ViewConfig()], EnsembleConfig(), **kwargs)
+    flipped = Predictor(
+        checkpoint, [ViewConfig(hflip=True)], EnsembleConfig(), **kwargs
+    )
+    return image, plain.predict([image])[0], flipped.predict([image[:, ::-1]])[0]
+
+
+def test_flip_view_soft_masks_are_mirrored_back(mask_checkpoint, demo_dir):
+    # The flip view of the mirrored image sees exactly the original pixels, so the
+    # soft mask it gives the mirrored box must be the mirror of the plain one. (After
+    # pasting, whole-pixel truncation of the box corners does not commute with
+    # mirroring, so the check is on the soft masks the views average.)
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    plain = Predictor(mask_checkpoint, [ViewConfig()], EnsembleConfig())
+    flip = Predictor(mask_checkpoint, [ViewConfig(hflip=True)], EnsembleConfig())
+    h, w = image.shape[:2]
+    with torch.inference_mode():
+        tensor = [torch.from_numpy(image).permute(2, 0, 1).float() / 255]
+        boxes, _, labels, _ = plain._detect(tensor, [(h, w)])
+        mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0]], 1)
+        mirrored = torch.cat([mirrored, boxes[:, 3:]], 1)[:, [0, 1, 2, 3]]
+        masks = plain._instance_maps(tensor, [(h, w)], [boxes], [labels])["masks"]
+        flipped = flip._instance_maps(
+            [tensor[0].flip(-1)], [(h, w)], [mirrored], [labels]
+        )["masks"]
+    assert len(boxes) > 0 and masks[0].shape == (len(boxes), 28, 28)
+    torch.testing.assert_close(flipped[0], masks[0].flip(-1), atol=1e-5, rtol=0)
+    assert (flipped[0] - masks[0]).abs().max() > 0.1  # the check can fail
+
+
+def test_averaged_masks_of_several_views(mask_checkpoint, demo_dir):
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    dets = Predictor(mask_checkpoint, VIEWS, EnsembleConfig()).predict([image])[0]
+    assert len(dets[schema.MASKS]) == len(dets[schema.BOXES]) > 0
+    masks = [decode_rle(m, *image.shape[:2]) for m in dets[schema.MASKS]]
+    assert any(m.any() for m in masks)
+    for mask, box in zip(masks, dets[schema.BOXES], strict=True):
+        ys, xs = np.nonzero(mask)  # every mask pixel lies in (or next to) its box
+        if len(xs):
+            assert xs.min() >= box[0] - 2 and xs.max() <= box[2] + 1
+            assert ys.min() >= box[1] - 2 and ys.max() <= box[3] + 1
+
+
+def test_flip_view_swaps_left_and_right_keypoints(keypoint_checkpoint, demo_dir):
+    flip = [0, 1, 3, 2]  # top, bottom, left, right
+    image, plain, flipped = _mirror_pair(
+        keypoint_checkpoint, demo_dir, keypoint_flip=flip
+    )
+    n = len(plain[schema.BOXES])
+    assert n > 0 and plain[schema.KEYPOINTS].shape == (n, 12)
+    assert plain[schema.KEYPOINT_SCORES].shape == (n, 4)
+    a = plain[schema.KEYPOINTS].reshape(n, 4, 3)
+    b = flipped[schema.KEYPOINTS].reshape(n, 4, 3)[:, flip]  # the mirror's left...
+    mirrored_x = image.shape[1] - b[..., 0]
+    assert np.median(np.abs(mirrored_x - a[..., 0])) <= 1.0
+    assert np.median(np.abs(b[..., 1] - a[..., 1])) <= 1.0
+    assert (a[..., 2] == 2).all()
+    # without the swap, the flipped "left" keypoints land on the plain "right" ones
+    unswapped = image.shape[1] - flipped[schema.KEYPOINTS].reshape(n, 4, 3)[..., 0]
+    assert np.median(np.abs(unswapped[:, 2] - a[:, 2, 0])) > np.median(
+        np.abs(mirrored_x[:, 2] - a[:, 2, 0])
+    )
 
 
 def test_pipeline_writes_one_row_per_image_even_bad_or_empty(
@@ -76,3 +219,143 @@ def test_pipeline_writes_one_row_per_image_even_bad_or_empty(
         assert (good[schema.HEIGHT] == 128).all() and (good[schema.WIDTH] == 128).all()
         counts = good[schema.BOXES].map(len)
         assert (counts > 0).all() if expect_boxes else (counts == 0).all()
+
+
+def _config(demo_dir, out, weights, **unlabeled):
+    raw = tiny_config(demo_dir, out, weights)
+    raw["data"]["unlabeled"].update(unlabeled)
+    raw["inference"] = {"batch_size": 2}
+    return raw
+
+
+def test_deterministic_shards_and_a_rerun_skips_them(
+    ray_local, checkpoint, demo_dir, weights, tmp_path
+):
+    config = parse_config(_config(demo_dir, tmp_path / "out", weights, shard_size=3))
+    uris = sorted(str(p) for p in (demo_dir / "unlabeled").glob("*.png"))
+    out = tmp_path / "out" / CANDIDATES_DIR
+    first = label_images(uris, checkpoint, config, out)
+    parts = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert parts == [part_name(s) for s in range(4)]  # 10 images, 3 per shard
+    assert first.images == 10 and first.skipped_shards == 0
+    for shard, name in enumerate(parts):  # each shard holds its images in order
+        assert (
+            list(pd.read_parquet(out / name)[schema.PATH])
+            == uris[3 * shard : 3 * shard + 3]
+        )
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in parts}
+    again = label_images(uris, checkpoint, config, out)
+    assert again.skipped_shards == 4 and again.images == 10
+    assert {p: (out / p).stat().st_mtime_ns for p in parts} == mtimes
+    # other settings: the old shards are not mixed in
+    other = parse_config(
+        {**_config(demo_dir, tmp_path / "out", weights, shard_size=3), "views": [{}]}
+    )
+    assert label_images(uris[:4], checkpoint, other, out).skipped_shards == 0
+    assert sorted(p.name for p in out.glob("part-*")) == [part_name(0), part_name(1)]
+
+
+def _odd_images(folder):
+    """Real files of every kind a crawl holds, readable or not."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (90, 120, 3), np.uint8)
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(np.tile(rgb, (30, 30, 1))).save(folder / "huge.jpg")  # 2700x3600
+    good = (folder / "gray.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    return {
+        "readable": {
+            "gray.png": (90, 120),
+            "rgba.png": (90, 120),
+            "palette.png": (90, 120),
+            "deep16.png": (90, 120),
+            "cmyk.jpg": (90, 120),
+            "rotated.jpg": (120, 90),
+            "huge.jpg": (2700, 3600),
+        },
+        "unreadable": ["truncated.png", "empty.jpg", "notes.txt"],
+    }
+
+
+def test_bad_input_never_stops_the_run_and_is_never_dropped(
+    ray_local, checkpoint, demo_dir, weights, tmp_path
+):
+    kinds = _odd_images(tmp_path / "odd")
+    listing = tmp_path / "list.txt"  # a list with a file that does not exist
+    names = sorted([*kinds["readable"], *kinds["unreadable"]]) + ["missing.jpg"]
+    listing.write_text("\n".join(str(tmp_path / "odd" / n) for n in names))
+    raw = _config(demo_dir, tmp_path / "out", weights, images=str(listing))
+    raw["data"].pop("validation")
+    config = parse_config(raw)
+    shutil.copytree(checkpoint, tmp_path / "out" / TEACHER_DIR)
+    result = pseudo_label(config, str(tmp_path / "out" / TEACHER_DIR))
+    assert (result.images, result.errors) == (11, 4)
+    frame = read_candidates(result.candidates)
+    assert sorted(frame[schema.PATH].map(os.path.basename)) == sorted(names)
+    errors = pd.read_csv(tmp_path / "out" / ERRORS_FILE)
+    assert sorted(errors["uri"].map(os.path.basename)) == sorted(
+        [*kinds["unreadable"], "missing.jpg"]
+    )
+    assert errors["reason"].str.len().gt(0).all()
+    assert (
+        "FileNotFound"
+        in errors.set_index("uri")["reason"][
+            str(listing.parent / "odd" / "missing.jpg")
+        ]
+    )
+    for name, (h, w) in kinds["readable"].items():
+        row = frame[frame[schema.PATH].str.endswith(name)].iloc[0]
+        assert (row[schema.ERROR], row[schema.HEIGHT], row[schema.WIDTH]) == ("", h, w)
+        boxes = schema.detections_from_row(row)[schema.BOXES]
+        assert len(boxes) > 0 and boxes[:, 2].max() <= w + 1e-2
+        assert boxes[:, 3].max() <= h + 1e-2
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_one_row_per_image(
+    checkpoint, demo_dir, weights, tmp_path
+):
+    images = tmp_path / "many"
+    images.mkdir()
+    for copy in range(6):  # 60 images, 15 shards of 4
+        for p in sorted((demo_dir / "unlabeled").glob("*.png")):
+            shutil.copy(p, images / f"{copy}_{p.name}")
+    raw = _config(demo_dir, tmp_path / "out", weights, images=str(images), shard_size=4)
+    raw["data"].pop("validation")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    shutil.copytree(checkpoint, tmp_path / "out" / TEACHER_DIR)
+    out = tmp_path / "out" / CANDIDATES_DIR
+    command = [sys.executable, "-m", "raydd.cli", "pseudo-label", str(config)]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+
+    first = subprocess.Popen(command, env=env, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        assert first.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait()
+    survivors = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 0 < len(survivors) < 15
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{len(survivors)} already done" in second.stderr
+    parts = sorted(out.glob("part-*.parquet"))
+    assert [p.name for p in parts] == [part_name(s) for s in range(15)]
+    for name, mtime in survivors.items():  # finished shards were not redone
+        assert (out / name).stat().st_mtime_ns == mtime
+    frame = read_candidates(out)
+    assert len(frame) == 60 and frame[schema.PATH].is_unique
+    assert set(frame[schema.PATH]) == {str(p) for p in images.iterdir()}

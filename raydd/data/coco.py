@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +24,8 @@ from torchvision.ops import box_convert
 from raydd.config import CocoSplit
 from raydd.data.images import load_rgb, to_tensor
 from raydd.views import hflip_boxes
+
+logger = logging.getLogger(__name__)
 
 
 def load_coco(annotations: str) -> COCO:
@@ -51,6 +56,69 @@ class Categories:
 
     def to_category(self, label: int) -> int:
         return self.ids[label - 1]
+
+
+def keypoint_names(coco: COCO) -> tuple[str, ...]:
+    """The keypoint names of a COCO split (the categories' ``keypoints`` field).
+
+    Categories without keypoints (no field, or an empty list) are skipped, so a split
+    that adds keypoints to some categories only is fine; torchvision's keypoint head
+    is class-agnostic, so all the others must agree.
+
+    Returns:
+        The names in annotation order (``keypoints[3 * i : 3 * i + 3]`` is name
+        ``i``); an empty tuple when no category has keypoints.
+
+    Raises:
+        ValueError: two categories name different keypoints.
+    """
+    named = {
+        tuple(c["keypoints"]): c["name"]
+        for c in coco.loadCats(coco.getCatIds())
+        if c.get("keypoints")
+    }
+    if len(named) > 1:
+        raise ValueError(
+            f"categories disagree on keypoint names: {named}; one list is needed"
+        )
+    return next(iter(named), ())
+
+
+_MIRROR = {"left": "right", "right": "left"}
+
+
+def keypoint_flip_permutation(names: Sequence[str]) -> list[int]:
+    """Where each keypoint goes under a horizontal flip (torchvision's ``flip_inds``).
+
+    A name containing ``left`` pairs with the same name with ``right`` instead, and
+    vice versa (``left_eye`` <-> ``right_eye``; the demo's ``left`` <-> ``right``);
+    other names map to themselves. A left/right name whose partner is missing also
+    maps to itself, with a warning: the data may still be usable, a crash is not.
+
+    Args:
+        names: keypoint names in annotation order (see :func:`keypoint_names`).
+
+    Returns:
+        ``perm`` with ``flipped[:, i] = keypoints[:, perm[i]]`` after mirroring x;
+        ``perm`` is its own inverse.
+
+    Raises:
+        ValueError: ``names`` has duplicates.
+
+    Example:
+        >>> keypoint_flip_permutation(["nose", "left_eye", "right_eye"])
+        [0, 2, 1]
+    """
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate keypoint names: {list(names)}")
+    index = {name: i for i, name in enumerate(names)}
+    permutation = []
+    for i, name in enumerate(names):
+        mirror = re.sub("left|right", lambda m: _MIRROR[m.group()], name)
+        if mirror != name and mirror not in index:
+            logger.warning("keypoint %r has no mirror %r; flips keep it", name, mirror)
+        permutation.append(index.get(mirror, i))
+    return permutation
 
 
 @dataclass(frozen=True)

