@@ -60,3 +60,46 @@ def test_pseudo_labels_load_with_pycocotools(tmp_path):
         0.9
     )
     assert results.getAnnIds(imgIds=[2]) == []  # an image with zero pseudo-labels
+
+
+def test_masks_and_keypoints_export_as_coco_rle_and_triplets(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    from raydd.masks import crop_rle
+
+    square = np.ones((4, 5), bool)  # a 5x4 mask at (2, 3) in a 10x12 image
+    rle = crop_rle(square, 2, 3, 10, 12)
+    frame = pd.DataFrame(
+        [
+            {
+                schema.PATH: "/u/a.jpg",
+                schema.HEIGHT: 10,
+                schema.WIDTH: 12,
+                schema.ERROR: "",
+                schema.BOXES: np.array([[2, 3, 7, 7], [0, 0, 1, 1]], np.float32),
+                schema.LABELS: np.array([1, 1]),
+                schema.SCORES: np.array([0.9, 0.1], np.float32),
+                schema.MASKS: np.array([rle, rle], object),
+                schema.KEYPOINTS: np.array(
+                    [[2.5, 3.5, 2, 6.5, 6.5, 2], [0, 0, 2, 1, 1, 2]], np.float32
+                ),
+                schema.KEYPOINT_SCORES: np.array([[3.0, 4.0], [1, 1]], np.float32),
+            }
+        ]
+    )
+    categories = Categories((1,), ("digit",))
+    dataset = export_coco(
+        frame, {1: 0.5}, categories, tmp_path / "p.json", ("left", "right")
+    )
+    (ann,) = dataset["annotations"]
+    assert ann["segmentation"] == {"size": [10, 12], "counts": rle}
+    assert ann["area"] == 20
+    decoded = mask_utils.decode({"size": [10, 12], "counts": rle.encode()})
+    assert decoded.sum() == 20 and decoded[3:7, 2:7].all()
+    assert ann["keypoints"] == [2.5, 3.5, 2, 6.5, 6.5, 2] and ann["num_keypoints"] == 2
+    assert dataset["categories"][0]["keypoints"] == ["left", "right"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(tmp_path / "p.json"))
+        results = coco.loadRes(dataset["annotations"])
+    assert coco.annToMask(coco.loadAnns(coco.getAnnIds())[0]).sum() == 20
+    assert results.loadAnns(results.getAnnIds())[0]["area"] == 20
