@@ -266,7 +266,8 @@ class Predictor:
             {
                 **{k: batch[k][i] for k in (schema.PATH, schema.HEIGHT, schema.WIDTH)},
                 schema.ERROR: errors[i],
-                **detections.get(i, empty),
+                **empty,  # masks/keypoints too when a batch has no detection at all
+                **detections.get(i, {}),
             }
             for i in range(len(errors))
         ]

@@ -161,6 +161,27 @@ def test_flip_view_soft_masks_are_mirrored_back(mask_checkpoint, demo_dir):
     assert (flipped[0] - masks[0]).abs().max() > 0.1  # the check can fail
 
 
+def test_mask_and_keypoint_columns_exist_even_without_any_detection(
+    mask_checkpoint, keypoint_checkpoint, demo_dir
+):
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    batch = {
+        schema.PATH: np.array(["a.png", "bad.png"]),
+        schema.IMAGE: np.array([image, np.zeros((1, 1, 3), np.uint8)], object),
+        schema.HEIGHT: np.array([128, 0]),
+        schema.WIDTH: np.array([128, 0]),
+        schema.ERROR: np.array(["", "OSError: truncated"], object),
+    }
+    for checkpoint, columns in (
+        (mask_checkpoint, [schema.MASKS]),
+        (keypoint_checkpoint, [schema.KEYPOINTS, schema.KEYPOINT_SCORES]),
+    ):
+        predictor = Predictor(checkpoint, VIEWS, EnsembleConfig(), score_floor=1.01)
+        table = predictor(batch).to_pydict()
+        for column in [schema.BOXES, *columns]:
+            assert table[column] == [[], []]
+
+
 def test_averaged_masks_of_several_views(mask_checkpoint, demo_dir):
     image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
     dets = Predictor(mask_checkpoint, VIEWS, EnsembleConfig()).predict([image])[0]
