@@ -133,7 +133,7 @@ def _pipeline(checkpoint: str, config, paths: list[str], out: Path) -> dict:
         tic = time.perf_counter()
         result = label_images(paths, checkpoint, config, out)
         seconds = time.perf_counter() - tic
-    assert result.images == len(paths) and result.errors == 0
+    assert result.images == len(paths) and result.errors.empty
     # steady state: from the first shard written to the last (start-up excluded)
     parts = sorted(out.glob("part-*.parquet"), key=lambda p: p.stat().st_mtime)
     span = parts[-1].stat().st_mtime - parts[0].stat().st_mtime

@@ -211,18 +211,6 @@ def build_model(
     )
 
 
-def has_masks(model: nn.Module) -> bool:
-    """Whether ``model``'s detections carry ``masks`` (an R-CNN with a mask head)."""
-    has_mask = getattr(getattr(model, "roi_heads", None), "has_mask", None)
-    return bool(has_mask()) if has_mask is not None else False
-
-
-def has_keypoints(model: nn.Module) -> bool:
-    """Whether ``model``'s detections carry ``keypoints`` and ``keypoints_scores``."""
-    has_keypoint = getattr(getattr(model, "roi_heads", None), "has_keypoint", None)
-    return bool(has_keypoint()) if has_keypoint is not None else False
-
-
 def permissive_inference(model: nn.Module, max_detections: int) -> nn.Module:
     """Turns off the detector's own score filter and keeps up to ``max_detections``.
 

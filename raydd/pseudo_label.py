@@ -355,7 +355,7 @@ def predict_dataset(
 class LabelingResult:
     candidates: str
     images: int
-    errors: int
+    errors: pd.DataFrame  # ``uri``, ``reason`` of the inputs that could not be read
     skipped_shards: int
     seconds: float
 
@@ -416,10 +416,13 @@ def label_images(
             writer.add(table)
         writer.close()
     table = read_candidates(directory, columns=[schema.PATH, schema.ERROR])
+    errors = table[table[schema.ERROR] != ""].rename(
+        columns={schema.PATH: "uri", schema.ERROR: "reason"}
+    )
     return LabelingResult(
         str(directory),
         len(table),
-        int((table[schema.ERROR] != "").sum()),
+        errors.reset_index(drop=True),
         len(set(shards.tolist()) & done),
         time.perf_counter() - start,
     )
@@ -462,11 +465,7 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
         split.num_shards,
         split.shard_index,
     )
-    errors = read_candidates(result.candidates, columns=[schema.PATH, schema.ERROR])
-    errors = errors[errors[schema.ERROR] != ""]
-    errors.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"}).to_csv(
-        output / ERRORS_FILE, index=False
-    )
+    result.errors.to_csv(output / ERRORS_FILE, index=False)
     if config.data.validation is not None and split.shard_index == 0:
         label_images(
             image_paths(config.data.validation),
@@ -475,7 +474,10 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
             output / VALIDATION_CANDIDATES_DIR,
         )
     return PseudoLabelResult(
-        result.candidates, result.images, len(errors), time.perf_counter() - start
+        result.candidates,
+        result.images,
+        len(result.errors),
+        time.perf_counter() - start,
     )
 
 

@@ -20,8 +20,6 @@ from raydd.data.demo import KEYPOINT_NAMES
 from raydd.models import (
     RAYDD_BUILDERS,
     build_model,
-    has_keypoints,
-    has_masks,
     permissive_inference,
 )
 
@@ -145,10 +143,7 @@ def test_heads_and_helpers(weights):
     assert keypoint.roi_heads.keypoint_roi_pool.output_size == (14, 14)
     assert mask.roi_heads.mask_roi_pool.output_size == (14, 14)
     assert mask.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]
-    assert [has_masks(m) for m in (faster, mask, keypoint)] == [False, True, False]
-    assert [has_keypoints(m) for m in (faster, mask, keypoint)] == [False, False, True]
-    assert not has_masks(torch.nn.Linear(1, 1))
-    assert not has_keypoints(torch.nn.Linear(1, 1))
+    assert not faster.roi_heads.has_mask() and not faster.roi_heads.has_keypoint()
 
 
 def test_keypoint_names_of_the_demo(demo_dir, tmp_path):

@@ -37,6 +37,7 @@ from raydd.pseudo_label import (
 )
 from raydd.shards import part_name
 from raydd.teacher import TEACHER_DIR
+from raydd.views import hflip_boxes
 
 VIEWS = [ViewConfig(), ViewConfig(scale=160), ViewConfig(hflip=True)]
 DIGITS = Categories(tuple(range(1, 11)), tuple(map(str, range(10))))
@@ -150,8 +151,7 @@ def test_flip_view_soft_masks_are_mirrored_back(mask_checkpoint, demo_dir):
     with torch.inference_mode():
         tensor = [torch.from_numpy(image).permute(2, 0, 1).float() / 255]
         boxes, _, labels, _ = plain._detect(tensor, [(h, w)])
-        mirrored = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0]], 1)
-        mirrored = torch.cat([mirrored, boxes[:, 3:]], 1)[:, [0, 1, 2, 3]]
+        mirrored = hflip_boxes(boxes, w)
         masks = plain._instance_maps(tensor, [(h, w)], [boxes], [labels])["masks"]
         flipped = flip._instance_maps(
             [tensor[0].flip(-1)], [(h, w)], [mirrored], [labels]
