@@ -39,6 +39,7 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/threshold_search.py
 	$(BIN)/python benchmarks/distill_demo.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -154,6 +154,7 @@ def _evaluate(config: Config, args: argparse.Namespace) -> None:
 
 def _run(config: Config, args: argparse.Namespace) -> None:
     from raydd.pipeline import SUMMARY_FILE, run_distillation
+    from raydd.report import write_report
 
     summary = run_distillation(config)
     print(format_table(summary))
@@ -167,6 +168,16 @@ def _run(config: Config, args: argparse.Namespace) -> None:
         )
     )
     print(f"summary: {Path(config.output_dir) / SUMMARY_FILE}")
+    try:
+        print(f"report: {write_report(config.output_dir)}")
+    except Exception:  # noqa: BLE001 - a failed page must not fail a finished run
+        logger.exception("could not write the report; retry with `raydd report`")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from raydd.report import write_report
+
+    print(f"report: {write_report(args.output_dir)}")
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -238,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "evaluate", "COCO AP of teacher, teacher with views and student", _evaluate
     )
     _with_config(sub, "run", "all four steps and evaluation; writes summary.json", _run)
+    report = sub.add_parser(
+        "report",
+        help="write OUTPUT_DIR/report.html",
+        description="Write OUTPUT_DIR/report.html, one self-contained page: AP "
+        "table, time per step, threshold, instances per class, pseudo-labeled and "
+        "student galleries.",
+    )
+    report.add_argument("output_dir", help="the output_dir of a run")
+    report.set_defaults(handler=_report, needs_config=False)
     return parser
 
 

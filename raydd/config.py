@@ -103,8 +103,27 @@ class ModelConfig:
 class TrainConfig:
     """An iteration-based SGD schedule with linear warm-up and step decay (the paper's).
 
-    ``batch_size`` is images per worker per step; the learning rate drops ×0.1 at each
-    fraction of ``iterations`` in ``lr_milestones``.
+    Attributes:
+        iterations: training steps (the schedule is in steps, not epochs).
+        batch_size: images per worker per step.
+        lr_milestones: the learning rate drops x0.1 at each of these fractions of
+            ``iterations`` (the paper: 70% and 90%).
+        checkpoint_every: steps between checkpoints (the resume points).
+        log_every: steps between metric reports (Ray Train and TensorBoard get
+            per-step scalars on rank 0 anyway).
+        eval_every: steps between COCO evaluations on the test split (``0``: none
+            during training; the pipeline evaluates the final model anyway).
+        hflip_prob: chance of mirroring a training image (keypoints swap left/right).
+        num_workers: Ray Train workers; with ``max_workers`` the run is elastic and
+            uses between ``num_workers`` and ``max_workers`` as the cluster allows.
+        use_gpu: one GPU per worker; mixed precision (AMP) then unless ``amp: false``.
+        cpus_per_worker: CPUs Ray reserves per worker (fractions allowed); what is
+            left of the cluster decodes and augments the images (Ray Data).
+        torch_threads: torch's intra-op threads on CPU workers (``0``: the reserved
+            CPUs, at least 1).
+        max_failures: worker failures survived by restarting from the last
+            checkpoint (Ray Train's ``FailureConfig``).
+        prefetch_batches: batches Ray Data prepares ahead of the step.
     """
 
     iterations: int = 1000
@@ -115,10 +134,17 @@ class TrainConfig:
     warmup_iterations: int = 100
     lr_milestones: tuple[float, ...] = (0.7, 0.9)
     checkpoint_every: int = 100
+    log_every: int = 20
+    eval_every: int = 0
     hflip_prob: float = 0.5
     num_workers: int = 1
+    max_workers: int | None = None
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    amp: bool = True
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+    max_failures: int = 2
+    prefetch_batches: int = 2
     seed: int = 0
 
 
@@ -215,8 +241,25 @@ class ThresholdConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run: the top-level keys of the YAML file.
+
+    Attributes:
+        data: the splits (:class:`DataConfig`).
+        output_dir: the local working directory every step writes to and the next
+            step reads from (on a cluster: the head node's disk).
+        storage_uri: optional durable copy of the outputs, a local path or a
+            ``file://``, ``s3://``, ``gs://`` (``gcs://``), ``abfs://`` or ``hdfs://``
+            URI (anything ``pyarrow.fs.FileSystem.from_uri`` opens). Ray Train then
+            keeps its checkpoints under ``STORAGE_URI/ray_train`` (needed on a
+            multi-node cluster: workers cannot see the head node's disk) and each
+            step's outputs are copied to ``STORAGE_URI/<same relative path>`` when it
+            ends, so nothing is lost when the head node goes away
+            (:mod:`raydd.storage`).
+    """
+
     data: DataConfig
     output_dir: str
+    storage_uri: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TrainConfig = field(default_factory=TrainConfig)
     views: tuple[ViewConfig, ...] = (ViewConfig(), ViewConfig(hflip=True))
@@ -282,6 +325,7 @@ def resolve_paths(config: Config) -> Config:
         config,
         data=DataConfig(unlabeled=unlabeled, **coco),
         output_dir=_absolute(config.output_dir),
+        storage_uri=config.storage_uri and _absolute(config.storage_uri),
         model=dataclasses.replace(
             config.model, backbone_weights=weights and _absolute(weights)
         ),
@@ -378,6 +422,29 @@ def unlabeled_files(split: UnlabeledSplit) -> list[str]:
     return list_images(split)
 
 
+def single_view(config: Config) -> tuple[ViewConfig]:
+    """The plain (single-view) test of a model: the first configured view, no flip."""
+    first = config.views[0]
+    return (ViewConfig(scale=first.scale, max_size=first.max_size),)
+
+
+def _check_train(name: str, cfg: TrainConfig) -> None:
+    for key in ("iterations", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{name}.{key} must be at least 1")
+    if cfg.num_workers < 1:
+        raise ConfigError(f"{name}.num_workers must be at least 1")
+    if cfg.max_workers is not None and cfg.max_workers < cfg.num_workers:
+        raise ConfigError(
+            f"{name}.max_workers ({cfg.max_workers}) must be at least num_workers "
+            f"({cfg.num_workers})"
+        )
+    if cfg.cpus_per_worker <= 0:
+        raise ConfigError(f"{name}.cpus_per_worker must be positive")
+    if any(not 0.0 < m <= 1.0 for m in cfg.lr_milestones):
+        raise ConfigError(f"{name}.lr_milestones are fractions of training in (0, 1]")
+
+
 def validate(config: Config) -> None:
     """Checks paths, names and ranges before any work starts.
 
@@ -404,6 +471,7 @@ def validate(config: Config) -> None:
     if not unlabeled_files(split):
         raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
     _require_writable("output_dir", config.output_dir)
+    _check_storage_uri(config.storage_uri)
     if config.model.backbone_weights is not None:
         _require_file("model.backbone_weights", config.model.backbone_weights)
     models.check_model_name(config.model.name)
@@ -422,6 +490,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "inference.max_image_size must be a positive number of pixels"
         )
+    _check_train("teacher", config.teacher)
+    _check_train("student", config.student)
     if not 0.0 < config.student.labeled_share <= 1.0:
         raise ConfigError("student.labeled_share must be in (0, 1]")
     if config.student.init not in ("pretrained", "teacher"):
@@ -433,6 +503,22 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"threshold.search must be 'grid' or 'optuna', got "
             f"{config.threshold.search!r}"
+        )
+
+
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+
+
+def _check_storage_uri(uri: str | None) -> None:
+    if uri is None:
+        return
+    scheme, sep, _ = uri.partition("://")
+    if not sep:
+        _require_writable("storage_uri", uri)
+    elif scheme.lower() not in STORAGE_SCHEMES:
+        raise ConfigError(
+            f"storage_uri: unknown scheme {scheme!r} in {uri!r}; use a local path or "
+            f"one of {[s + '://' for s in STORAGE_SCHEMES]}"
         )
 
 

@@ -17,7 +17,13 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FasterRCNN, KeypointRCNN, MaskRCNN
+from torchvision.models.detection import (
+    FCOS,
+    FasterRCNN,
+    KeypointRCNN,
+    MaskRCNN,
+    RetinaNet,
+)
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
@@ -42,6 +48,29 @@ DEFAULT_ANCHOR_SIZES: AnchorSizes = ((32,), (64,), (128,), (256,))
 FPN_LEVELS = ("0", "1", "2")  # strides 8, 16, 32; the max-pool level has no RoIs
 
 
+def _mobilenet_v2_fpn(
+    backbone_weights: str | None, trainable_backbone_layers: int
+) -> nn.Module:
+    """MobileNetV2 + FPN over strides 8, 16, 32 (+ a max-pool level at 64).
+
+    With ``backbone_weights`` (the ImageNet classifier's state dict) batch norm is
+    frozen and only the last ``trainable_backbone_layers`` stages train, torchvision's
+    recipe for pretrained backbones; without, everything trains from scratch.
+    """
+    pretrained = backbone_weights is not None
+    classifier = torchvision.models.mobilenet_v2(
+        weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    )
+    if pretrained:
+        classifier.load_state_dict(torch.load(backbone_weights, weights_only=True))
+    return _mobilenet_extractor(
+        classifier,
+        fpn=True,
+        trainable_layers=trainable_backbone_layers if pretrained else 6,
+        returned_layers=[2, 3, 4],
+    )
+
+
 def _mobilenet_v2_fpn_parts(
     backbone_weights: str | None,
     trainable_backbone_layers: int,
@@ -52,18 +81,7 @@ def _mobilenet_v2_fpn_parts(
     Returns keyword arguments for torchvision's ``FasterRCNN`` family
     (``backbone``, ``rpn_anchor_generator``, ``box_roi_pool``).
     """
-    pretrained = backbone_weights is not None
-    classifier = torchvision.models.mobilenet_v2(
-        weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
-    )
-    if pretrained:
-        classifier.load_state_dict(torch.load(backbone_weights, weights_only=True))
-    backbone = _mobilenet_extractor(
-        classifier,
-        fpn=True,
-        trainable_layers=trainable_backbone_layers if pretrained else 6,
-        returned_layers=[2, 3, 4],
-    )
+    backbone = _mobilenet_v2_fpn(backbone_weights, trainable_backbone_layers)
     anchor_sizes = tuple(tuple(s) for s in anchor_sizes)
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     return {
@@ -157,8 +175,47 @@ def keypointrcnn_mobilenet_v2_fpn(
     )
 
 
+def retinanet_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES,
+    **kwargs: Any,
+) -> RetinaNet:
+    """RetinaNet (one stage, focal loss) on the backbone of
+    :func:`fasterrcnn_mobilenet_v2_fpn`: 3 scales x 3 ratios per level, as in the
+    paper. ``**kwargs`` go to :class:`~torchvision.models.detection.RetinaNet`.
+    """
+    backbone = _mobilenet_v2_fpn(backbone_weights, trainable_backbone_layers)
+    sizes = tuple(tuple(s * 2 ** (i / 3) for i in range(3)) for (s, *_) in anchor_sizes)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, **kwargs)
+
+
+def fcos_mobilenet_v2_fpn(
+    *,
+    num_classes: int,
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int = 3,
+    anchor_sizes: AnchorSizes = DEFAULT_ANCHOR_SIZES,
+    **kwargs: Any,
+) -> FCOS:
+    """FCOS (anchor-free, one stage) on the backbone of
+    :func:`fasterrcnn_mobilenet_v2_fpn`; ``anchor_sizes`` only set each level's
+    scale (one "anchor" per location). ``**kwargs`` go to
+    :class:`~torchvision.models.detection.FCOS`.
+    """
+    backbone = _mobilenet_v2_fpn(backbone_weights, trainable_backbone_layers)
+    sizes = tuple((s,) for (s, *_) in anchor_sizes)
+    anchors = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
+    return FCOS(backbone, num_classes, anchor_generator=anchors, **kwargs)
+
+
 RAYDD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn_mobilenet_v2_fpn": fasterrcnn_mobilenet_v2_fpn,
+    "retinanet_mobilenet_v2_fpn": retinanet_mobilenet_v2_fpn,
+    "fcos_mobilenet_v2_fpn": fcos_mobilenet_v2_fpn,
     "maskrcnn_mobilenet_v2_fpn": maskrcnn_mobilenet_v2_fpn,
     "keypointrcnn_mobilenet_v2_fpn": keypointrcnn_mobilenet_v2_fpn,
 }
@@ -175,6 +232,12 @@ def check_model_name(name: str) -> None:
         raise ConfigError(
             f"model.name: unknown model {name!r}; known: {known_models()}"
         )
+
+
+def targets(name: str) -> tuple[bool, bool]:
+    """``(masks, keypoints)``: which extra training targets model ``name`` needs
+    (Mask R-CNN: masks; Keypoint R-CNN: keypoints)."""
+    return "maskrcnn" in name, "keypointrcnn" in name
 
 
 def build_model(

@@ -13,8 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from raydd import schema
-from raydd.config import Config, to_dict
-from raydd.data.coco import Categories, Record, coco_records, load_coco
+from raydd.config import Config, single_view, to_dict
+from raydd.data.coco import Record
+from raydd.ingest import LABELED, PSEUDO, prepare
+from raydd.storage import train_storage
+from raydd.teacher import TENSORBOARD_DIR, augment_for, labeled_training_records
 from raydd.threshold import above_thresholds
 from raydd.train import TrainJob, fit
 
@@ -26,7 +29,7 @@ def pseudo_records(
 ) -> list[Record]:
     """Hard pseudo-labels: every readable image, with the candidates scoring at least
     their label's threshold (``thresholds``: label -> threshold; labels missing from
-    it are dropped).
+    it are dropped). Masks and keypoints come along when the candidates have them.
 
     Images left with no instance stay in (as background), as in the paper.
     """
@@ -34,9 +37,16 @@ def pseudo_records(
     for row in candidates[candidates[schema.ERROR] == ""].to_dict("records"):
         dets = schema.detections_from_row(row)
         keep = above_thresholds(dets, thresholds)
+        masks, points = dets.get(schema.MASKS), dets.get(schema.KEYPOINTS)
         records.append(
             Record(
-                row[schema.PATH], dets[schema.BOXES][keep], dets[schema.LABELS][keep]
+                row[schema.PATH],
+                dets[schema.BOXES][keep],
+                dets[schema.LABELS][keep],
+                None if masks is None else masks[keep],
+                None if points is None else points[keep],
+                int(row[schema.HEIGHT]),
+                int(row[schema.WIDTH]),
             )
         )
     return records
@@ -52,17 +62,21 @@ def train_student(
 
     ``thresholds`` maps each label to the score its pseudo-labels must reach.
     """
-    categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
+    categories, labeled = labeled_training_records(config)
     pseudo = pseudo_records(candidates, thresholds)
     cfg = config.student
+    augment = augment_for(config, cfg)
+    out = Path(config.output_dir)
     job = TrainJob(
         model=config.model,
         train=cfg,
         categories=categories,
-        labeled=coco_records(config.data.labeled, categories),
-        pseudo=pseudo,
         labeled_share=cfg.labeled_share,
         init_from=str(teacher_dir) if cfg.init == "teacher" else None,
+        evaluation=config.data.test,
+        evaluation_view=single_view(config)[0],
+        max_detections=config.ensemble.max_detections,
+        log_dir=str((out / TENSORBOARD_DIR / "student").resolve()),
         metadata={
             "role": "student",
             "init": cfg.init,
@@ -71,5 +85,7 @@ def train_student(
             "config": to_dict(config),
         },
     )
-    out = Path(config.output_dir)
-    return fit(job, "student", out / "ray_train", out / STUDENT_DIR)
+    datasets = {LABELED: prepare(labeled, augment)}
+    if pseudo:
+        datasets[PSEUDO] = prepare(pseudo, augment)
+    return fit(job, datasets, "student", train_storage(config), out / STUDENT_DIR)

@@ -4,22 +4,63 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raydd.config import Config, to_dict
-from raydd.data.coco import Categories, coco_records, load_coco
+from raydd import models
+from raydd.config import Config, TrainConfig, single_view, to_dict
+from raydd.data.coco import (
+    Categories,
+    Record,
+    coco_records,
+    keypoint_flip_permutation,
+    keypoint_names,
+    load_coco,
+)
+from raydd.ingest import LABELED, Augment, prepare
+from raydd.storage import train_storage
 from raydd.train import TrainJob, fit
 
 TEACHER_DIR = "teacher"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def augment_for(config: Config, train: TrainConfig) -> Augment:
+    """The Ray Data augmentation of a training run: the model's training scales,
+    ``train.hflip_prob``, the labeled categories' keypoint flip map, and the targets
+    the model needs."""
+    masks, keypoints = models.targets(config.model.name)
+    names = keypoint_names(load_coco(config.data.labeled.annotations))
+    return Augment(
+        min_sizes=config.model.min_size,
+        max_size=config.model.max_size,
+        hflip_prob=train.hflip_prob,
+        flip_permutation=tuple(keypoint_flip_permutation(names)),
+        masks=masks,
+        keypoints=keypoints,
+    )
+
+
+def labeled_training_records(config: Config) -> tuple[Categories, list[Record]]:
+    """The labeled split's categories and records, with the targets the model needs."""
+    coco = load_coco(config.data.labeled.annotations)
+    categories = Categories.from_coco(coco)
+    masks, keypoints = models.targets(config.model.name)
+    return categories, coco_records(
+        config.data.labeled, categories, masks=masks, keypoints=keypoints
+    )
 
 
 def train_teacher(config: Config) -> Path:
     """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``."""
-    categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
+    categories, records = labeled_training_records(config)
+    out = Path(config.output_dir)
     job = TrainJob(
         model=config.model,
         train=config.teacher,
         categories=categories,
-        labeled=coco_records(config.data.labeled, categories),
-        metadata={"role": "teacher", "config": to_dict(config)},
+        evaluation=config.data.test,
+        evaluation_view=single_view(config)[0],
+        max_detections=config.ensemble.max_detections,
+        log_dir=str((out / TENSORBOARD_DIR / "teacher").resolve()),
+        metadata={"role": "teacher", "init": "pretrained", "config": to_dict(config)},
     )
-    out = Path(config.output_dir)
-    return fit(job, "teacher", out / "ray_train", out / TEACHER_DIR)
+    datasets = {LABELED: prepare(records, augment_for(config, config.teacher))}
+    return fit(job, datasets, "teacher", train_storage(config), out / TEACHER_DIR)

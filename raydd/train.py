@@ -1,106 +1,49 @@
 """The Ray Train loop shared by the teacher (step 1) and the student (step 4).
 
-Each worker builds the detector, draws minibatches from :class:`MixedBatchSampler`
-(a fixed number of labeled images in *every* batch, the rest pseudo-labeled) and runs
-an iteration-based SGD schedule. Every ``checkpoint_every`` steps rank 0 reports a
-checkpoint (plain torchvision ``state_dict`` + optimizer/scheduler/step); launching
-the same run name again resumes from the latest one, at the same data position.
+The driver hands ``TorchTrainer`` two Ray Datasets, ``labeled`` and ``pseudo``
+(prepared by :mod:`raydd.ingest`: decoded, resized, mirrored by Ray Data). Each worker
+reads its shard of both in lockstep, so *every* minibatch holds exactly the configured
+number of labeled images, and runs an iteration-based SGD schedule (warm-up, x0.1 at
+70% and 90%; AMP on GPU).
+
+Every ``checkpoint_every`` steps rank 0 reports a checkpoint: the plain torchvision
+``state_dict`` with the resolved config (``metadata.json``) plus the optimizer,
+scheduler, AMP scaler and data position. A worker that dies is restarted from it
+(``train.max_failures``), and launching the same run name again resumes from it.
+Per-step losses, learning rate, images/s, the labeled share and the time each step
+waited for data go to Ray Train and to TensorBoard (``log_dir``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from tensorboardX import SummaryWriter
 
 from raydd.checkpoint import MODEL_FILE, save_detector
-from raydd.config import ModelConfig, TrainConfig
-from raydd.data.coco import Categories, DetectionDataset, Record, collate
+from raydd.config import CocoSplit, ModelConfig, TrainConfig, ViewConfig
+from raydd.data.coco import Categories
+from raydd.evaluate import evaluate_model
+from raydd.ingest import LABELED, PSEUDO, RowStream, next_batch, split_batch, to_device
 from raydd.models import build_model
 
 logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
-
-
-@functools.lru_cache(maxsize=64)
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng((seed, epoch)).permutation(n)
-
-
-def _stream(n: int, seed: int, start: int, count: int) -> list[int]:
-    """Items ``start .. start+count`` of an endless sequence of shuffled passes."""
-    out = []
-    for k in range(start, start + count):
-        epoch, position = divmod(k, n)
-        out.append(int(_permutation(n, seed, epoch)[position]))
-    return out
-
-
-class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches over ``ConcatDataset([labeled, pseudo])`` with a fixed labeled share.
-
-    Every batch holds exactly ``round(batch_size * labeled_share)`` labeled indices
-    (``0 .. num_labeled-1``) and the rest pseudo-labeled ones (offset by
-    ``num_labeled``). Each set is read in shuffled passes, repeated as often as needed
-    (the labeled set is usually far smaller). Global batch ``g`` goes to worker
-    ``g % world_size``; batches are a pure function of ``(seed, g)``, so a run that
-    resumes at ``start_step`` continues with exactly the batches it would have seen.
-    """
-
-    def __init__(
-        self,
-        num_labeled: int,
-        num_pseudo: int,
-        batch_size: int,
-        labeled_share: float,
-        steps: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        start_step: int = 0,
-    ) -> None:
-        if num_labeled == 0:
-            raise ValueError("the labeled set is empty")
-        self.n_labeled = (
-            batch_size if num_pseudo == 0 else round(batch_size * labeled_share)
-        )
-        self.n_pseudo = batch_size - self.n_labeled
-        self.num_labeled, self.num_pseudo = num_labeled, num_pseudo
-        self.steps, self.seed, self.start_step = steps, seed, start_step
-        self.rank, self.world_size = rank, world_size
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start_step, self.steps):
-            g = step * self.world_size + self.rank
-            labeled = _stream(
-                self.num_labeled, self.seed, g * self.n_labeled, self.n_labeled
-            )
-            pseudo = [
-                self.num_labeled + i
-                for i in _stream(
-                    max(self.num_pseudo, 1),
-                    self.seed + 1,
-                    g * self.n_pseudo,
-                    self.n_pseudo,
-                )
-            ]
-            yield labeled + pseudo
+METRICS_FILE = "metrics.json"  # the last metrics the run reported
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -112,21 +55,44 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 0.1**passed
 
 
+def sgd_schedule(
+    model: torch.nn.Module, config: TrainConfig
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over the trainable parameters, stepped by :func:`lr_factor` each step."""
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    schedule = functools.partial(lr_factor, config=config)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a training worker needs; pickled to the Ray Train workers.
+    """Everything a training worker needs besides the data; pickled to the workers.
 
-    ``init_from`` is a checkpoint directory to start from (the student's
-    ``init: teacher``); ``None`` starts from the pretrained backbone.
+    Attributes:
+        init_from: checkpoint directory to start from (the student's ``init:
+            teacher``); ``None`` starts from the initial (pretrained-backbone) weights.
+        labeled_share: fraction of every minibatch taken from ``labeled``.
+        evaluation: the split rank 0 scores (COCO AP) every ``eval_every`` steps,
+            through ``evaluation_view`` with up to ``max_detections`` per image (as
+            the pipeline's final evaluation does).
+        log_dir: where rank 0 writes TensorBoard event files (``None``: none).
+        metadata: saved in every checkpoint's ``metadata.json``.
     """
 
     model: ModelConfig
     train: TrainConfig
     categories: Categories
-    labeled: list[Record]
-    pseudo: list[Record] = field(default_factory=list)
     labeled_share: float = 1.0
     init_from: str | None = None
+    evaluation: CocoSplit | None = None
+    evaluation_view: ViewConfig = ViewConfig()
+    max_detections: int = 100
+    log_dir: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,29 +100,54 @@ def _restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> int:
+    scaler: torch.amp.GradScaler,
+) -> tuple[int, dict[str, dict[str, int]]]:
+    """Loads the latest checkpoint, if any; returns its step and data position."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, weights_only=True)
         model.load_state_dict(torch.load(Path(d) / MODEL_FILE, weights_only=True))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    logger.info("resumed from step %d", state["step"])
-    return int(state["step"])
+    scaler.load_state_dict(state["scaler"])
+    logger.info(
+        "resumed from step %d at data position %s", state["step"], state["data"]
+    )
+    return int(state["step"]), state["data"]
+
+
+@dataclass
+class _State:
+    """What a checkpoint restores besides the model."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    streams: dict[str, RowStream]
+    resumed_from: int
+
+    def to_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": step,
+            "data": {name: s.position() for name, s in self.streams.items()},
+        }
 
 
 def _report(
     job: TrainJob,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: _State,
     step: int,
-    resumed_from: int,
     metrics: dict[str, float],
+    checkpoint: bool,
 ) -> None:
-    if ray.train.get_context().get_world_rank() != 0:
+    """``ray.train.report`` on every worker; rank 0 attaches the checkpoint."""
+    if not checkpoint or ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
@@ -166,28 +157,76 @@ def _report(
             job.model,
             job.categories,
             step=step,
-            resumed_from=resumed_from,
+            resumed_from=state.resumed_from,
             **job.metadata,
         )
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-            },
-            Path(d) / TRAIN_STATE_FILE,
-        )
+        torch.save(state.to_dict(step), Path(d) / TRAIN_STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _build(job: TrainJob) -> torch.nn.Module:
     """The detector, built the way the teacher was (pretrained backbone: frozen batch
-    norm, the same trainable stages) and, for ``init_from``, loaded with its weights."""
+    norm, the same trainable stages) and, for ``init_from``, loaded with its weights.
+
+    Ray Data already resized the images to a training scale, so the model's own
+    transform skips resizing in training (it still normalises, and resizes in eval).
+    """
     model = build_model(job.model, job.categories.num_classes, pretrained=True)
     if job.init_from is not None:
         state = torch.load(Path(job.init_from) / MODEL_FILE, weights_only=True)
         model.load_state_dict(state)
+    model.transform._skip_resize = True
     return model
+
+
+class _Meter:
+    """Running sums of one report interval: loss components, images, seconds."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.tic = time.perf_counter()
+
+    def add(self, losses: dict[str, float], wait: float, rows: list[dict]) -> None:
+        for name, value in losses.items():
+            self.sums[name] += value
+        self.sums["data_wait_s"] += wait
+        self.sums["images"] += len(rows)
+        self.sums["labeled"] += sum(r["source"] == LABELED for r in rows)
+        self.steps += 1
+
+    def metrics(self, world_size: int) -> dict[str, float]:
+        seconds = time.perf_counter() - self.tic
+        out = {
+            k: v / self.steps
+            for k, v in self.sums.items()
+            if k not in ("images", "labeled", "data_wait_s")
+        }
+        out["images_per_s"] = self.sums["images"] * world_size / seconds
+        out["labeled_share"] = self.sums["labeled"] / self.sums["images"]
+        out["data_wait_share"] = self.sums["data_wait_s"] / seconds
+        return out
+
+
+def _shard(name: str) -> Any | None:
+    try:
+        return ray.train.get_dataset_shard(name)
+    except KeyError:  # not passed to the trainer (the teacher has no pseudo set)
+        return None
+
+
+def _streams(
+    job: TrainJob, position: dict[str, dict[str, int]]
+) -> dict[str, RowStream]:
+    """This worker's shard of each dataset, in lockstep, at the saved position."""
+    cfg = job.train
+    shards = {LABELED: _shard(LABELED), PSEUDO: _shard(PSEUDO)}
+    sizes = split_batch(cfg.batch_size, job.labeled_share, shards[PSEUDO] is not None)
+    return {
+        name: RowStream(shards[name], n, cfg.prefetch_batches, **position.get(name, {}))
+        for name, n in zip((LABELED, PSEUDO), sizes, strict=True)
+        if n > 0
+    }
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -198,77 +237,151 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     if not cfg.use_gpu:
-        torch.set_num_threads(cfg.cpus_per_worker)
-    model = _build(job)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, config=cfg)
-    )
-    start = _restore(model, optimizer, scheduler)
-    ddp_model = ray.train.torch.prepare_model(model)
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    dataset = ConcatDataset(
-        [
-            DetectionDataset(job.labeled, cfg.hflip_prob),
-            DetectionDataset(job.pseudo, cfg.hflip_prob),
-        ]
-    )
-    sampler = MixedBatchSampler(
-        len(job.labeled),
-        len(job.pseudo),
-        cfg.batch_size,
-        job.labeled_share,
-        cfg.iterations,
-        cfg.seed,
-        rank,
-        world,
-        start,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+    amp = cfg.use_gpu and cfg.amp and device.type == "cuda"
+    model = _build(job).to(device)
+    optimizer, scheduler = sgd_schedule(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    start, position = _restore(model, optimizer, scheduler, scaler)
+    streams = _streams(job, position)
+    state = _State(optimizer, scheduler, scaler, streams, start)
+    sizes = {name: s.batch_size for name, s in streams.items()}
+    ddp_model = ray.train.torch.prepare_model(model)
     ddp_model.train()
-    step, losses, tic = start, [], time.perf_counter()
-    for step, (images, targets) in enumerate(loader, start=start + 1):
-        images = [i.to(device) for i in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        loss = sum(ddp_model(images, targets).values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-            seconds = time.perf_counter() - tic
-            metrics = {
-                "step": step,
-                "loss": float(np.mean(losses)),
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": len(losses) * cfg.batch_size * world / seconds,
-            }
-            logger.info("step %d/%d %s", step, cfg.iterations, metrics)
-            _report(job, model, optimizer, scheduler, step, start, metrics)
-            losses, tic = [], time.perf_counter()
+    writer = SummaryWriter(job.log_dir) if rank == 0 and job.log_dir else None
+    meter = _Meter()
+    for step in range(start + 1, cfg.iterations + 1):
+        tic = time.perf_counter()
+        rows = next_batch(streams, sizes)
+        wait = time.perf_counter() - tic
+        values = _step(ddp_model, *to_device(rows, device), state, amp)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss is {values['loss']} at step {step}")
+        meter.add(values, wait, rows)
+        if writer is not None:
+            _write(writer, step, values, scheduler.get_last_lr()[0], wait)
+        if not _report_point(cfg, step):
+            continue
+        metrics = {"step": step, "lr": scheduler.get_last_lr()[0]}
+        metrics |= meter.metrics(world)
+        if rank == 0 and _evaluation_point(cfg, step) and job.evaluation is not None:
+            ap = evaluate_model(
+                model,
+                job.evaluation,
+                job.categories,
+                job.evaluation_view,
+                job.max_detections,
+            )
+            metrics |= {f"test_{k}": v for k, v in ap.items()}
+        if writer is not None:
+            _write_interval(writer, step, metrics)
+        logger.info("step %d/%d %s", step, cfg.iterations, _brief(metrics))
+        checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.iterations
+        _report(job, model, state, step, metrics, checkpoint)
+        meter = _Meter()
     if start >= cfg.iterations:  # re-launched after it had finished: hand back the end
-        _report(job, model, optimizer, scheduler, step, start, {"step": step})
+        _report(job, model, state, start, {"step": start}, checkpoint=True)
+    for stream in streams.values():
+        stream.close()
+    if writer is not None:
+        writer.close()
+
+
+def _step(
+    model: torch.nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict[str, torch.Tensor]],
+    state: _State,
+    amp: bool,
+) -> dict[str, float]:
+    """One SGD step (mixed precision when ``amp``); returns the loss components and
+    their sum (``loss``), read back from the device in one transfer."""
+    with torch.autocast(images[0].device.type, enabled=amp):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    state.optimizer.zero_grad()
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    values = torch.stack([*losses.values(), loss]).detach().float().cpu().tolist()
+    return dict(zip([*losses, "loss"], values, strict=True))
+
+
+def _report_point(cfg: TrainConfig, step: int) -> bool:
+    return (
+        step % cfg.log_every == 0
+        or step % cfg.checkpoint_every == 0
+        or step == cfg.iterations
+        or _evaluation_point(cfg, step)
+    )
+
+
+def _evaluation_point(cfg: TrainConfig, step: int) -> bool:
+    return cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.iterations)
+
+
+def _write(
+    writer: SummaryWriter, step: int, losses: dict[str, float], lr: float, wait: float
+) -> None:
+    for name, value in losses.items():
+        writer.add_scalar(f"loss/{name}", value, step)
+    writer.add_scalar("lr", lr, step)
+    writer.add_scalar("data/wait_s", wait, step)
+
+
+def _write_interval(
+    writer: SummaryWriter, step: int, metrics: dict[str, float]
+) -> None:
+    for name in ("images_per_s", "labeled_share", "data_wait_share"):
+        writer.add_scalar(f"data/{name}", metrics[name], step)
+    for name, value in metrics.items():
+        if name.startswith("test_"):
+            writer.add_scalar(f"test/{name[5:]}", value, step)
+    writer.flush()
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    keys = ("loss", "lr", "images_per_s", "labeled_share", "data_wait_share")
+    shown = {k: metrics[k] for k in keys if k in metrics}
+    shown |= {k: v for k, v in metrics.items() if k.startswith("test_")}
+    return " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+
+
+def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
+    """Ray Train's scaling from the config; ``max_workers`` makes it elastic."""
+    workers = (
+        cfg.num_workers
+        if cfg.max_workers is None
+        else (cfg.num_workers, cfg.max_workers)
+    )
+    return ray.train.ScalingConfig(
+        num_workers=workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker={"CPU": cfg.cpus_per_worker},
+    )
 
 
 def fit(
-    job: TrainJob, name: str, storage_path: str | Path, export_to: str | Path
+    job: TrainJob,
+    datasets: dict[str, ray.data.Dataset],
+    name: str,
+    storage_path: str | Path,
+    export_to: str | Path,
 ) -> Path:
     """Runs :func:`train_loop` on Ray Train and exports the final detector.
 
     Args:
         job: what to train.
+        datasets: ``labeled`` and optionally ``pseudo`` training rows
+            (:func:`raydd.ingest.prepare`); each is split across the workers.
         name: the run name; launching the same name under the same ``storage_path``
             again resumes from its latest checkpoint.
-        storage_path: where Ray Train keeps checkpoints (local path or URI).
-        export_to: directory that receives the final ``model.pt`` + ``metadata.json``.
+        storage_path: where Ray Train keeps checkpoints (local path or URI; on a
+            multi-node cluster it must be storage every node reaches).
+        export_to: directory that receives the final ``model.pt`` + ``metadata.json``
+            and the run's last reported metrics (``metrics.json``).
 
     Returns:
         ``export_to`` as a path.
@@ -277,15 +390,13 @@ def fit(
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
+        datasets=datasets,
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=_absolute(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     result = trainer.fit()
@@ -294,6 +405,7 @@ def fit(
     export_to = Path(export_to)
     result.checkpoint.to_directory(str(export_to))
     (export_to / TRAIN_STATE_FILE).unlink(missing_ok=True)
+    (export_to / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return export_to
 
 

@@ -106,3 +106,20 @@ def test_pseudo_label_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys)
     assert "pipeline(10N) / bare loop" in capsys.readouterr().out
     module = runpy.run_path(str(BENCHMARKS / "report.py"))
     assert module["_pseudo_label_throughput"](record)[2].startswith("| bare torch")
+
+
+def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "train_throughput.json"
+    monkeypatch.setattr(
+        sys, "argv", ["train_throughput.py", "--smoke", "--results", str(results)]
+    )
+    runpy.run_path(str(BENCHMARKS / "train_throughput.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    assert record["smoke"] is True and record["batch_size"] == 5
+    assert record["plain"]["before"]["timed_steps"] == 4
+    assert [i["step"] for i in record["ray_train"]["intervals"]] == [4, 6]
+    assert record["ray_train"]["images_per_s"] > 0
+    assert 0.0 <= record["data_wait_share"] < 1.0
+    assert "Ray Train / plain" in capsys.readouterr().out
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    assert module["_train_throughput"](record)[2].startswith("| plain torch loop")

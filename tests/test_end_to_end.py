@@ -72,7 +72,28 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     student = read_metadata(tmp_path / "out" / "student")
     assert student["init"] == "pretrained" and student["step"] == 4
     assert student["config"]["student"]["labeled_share"] == 0.4
-    assert "student - teacher" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "student - teacher" in printed
+    # and ends with the HTML report: every section, every picture embedded
+    report = tmp_path / "out" / "report.html"
+    assert f"report: {report}" in printed
+    page = report.read_text()
+    assert page.count("<h2>") == 6 and "class=note" not in page
+    assert page.count('src="data:image/') == 2 + 10 + 6
+    # the in-training evaluation (rank 0, in process) scores like the pipeline's
+    from raydd.checkpoint import load_detector
+    from raydd.config import load_config, single_view
+    from raydd.evaluate import evaluate_model
+
+    resolved = load_config(str(tmp_path / "out" / "config.yaml"))
+    model, categories = load_detector(tmp_path / "out" / "teacher")
+    in_process = evaluate_model(
+        model, resolved.data.test, categories, single_view(resolved)[0]
+    )
+    assert in_process == pytest.approx(summary["teacher"], abs=1e-6)
+    # TensorBoard curves of both training runs
+    for role in ("teacher", "student"):
+        assert list((tmp_path / "out" / "tensorboard" / role).glob("events.out.*"))
 
     # the separate steps reuse what `run` left: re-launching the teacher with a longer
     # schedule resumes from its last checkpoint (step 4) instead of starting over

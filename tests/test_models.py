@@ -51,6 +51,8 @@ def tiny_config(name: str, weights: str | None) -> ModelConfig:
     kwargs["box_batch_size_per_image"] = 32
     if name != "keypointrcnn_mobilenet_v2_fpn":
         kwargs.pop("num_keypoints")
+    if "rcnn" not in name:  # one-stage detectors: no RPN, no RoI sampling
+        kwargs = {"anchor_sizes": kwargs["anchor_sizes"]}
     return ModelConfig(
         name=name, backbone_weights=weights, **{**TINY_MODEL, "kwargs": kwargs}
     )
@@ -126,7 +128,9 @@ def test_builders_share_the_offline_backbone(name, weights):
     first_conv = model.backbone.body["0"][0].weight
     assert torch.equal(first_conv, state["features.0.0.weight"])
     assert isinstance(model.backbone.body["0"][1], FrozenBatchNorm2d)
-    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,))
+    anchors = model.rpn.anchor_generator if "rcnn" in name else model.anchor_generator
+    # one anchor size per FPN level, from anchor_sizes (RetinaNet: 3 octaves each)
+    assert [round(s[0]) for s in anchors.sizes] == [16, 32, 64, 128]
 
     scratch = build_model(tiny_config(name, weights), num_classes=11, pretrained=False)
     assert isinstance(scratch.backbone.body["0"][1], torch.nn.BatchNorm2d)

@@ -1,66 +1,104 @@
+"""Training: exact mixing from Ray Data, augmentation, schedules, Ray Train runs."""
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny_config
 from torchvision.ops import FrozenBatchNorm2d
 
-from raydd.config import ModelConfig, TrainConfig
-from raydd.data.coco import DetectionDataset, Record, collate
+from raydd import schema
+from raydd.config import ModelConfig, TrainConfig, parse_config
+from raydd.data.coco import (
+    Categories,
+    Record,
+    coco_records,
+    keypoint_flip_permutation,
+    keypoint_names,
+    load_coco,
+)
+from raydd.data.demo import KEYPOINT_NAMES
+from raydd.ingest import (
+    LABELED,
+    PSEUDO,
+    Augment,
+    RowStream,
+    next_batch,
+    prepare,
+    split_batch,
+    to_device,
+)
+from raydd.masks import decode_rle
 from raydd.models import build_model
-from raydd.train import MixedBatchSampler, lr_factor
+from raydd.train import lr_factor
+
+ROW_BATCH = 3  # Ray Data batches of the id datasets: not a divisor of the step sizes
+
+
+def _ids(ray, name, n):
+    return ray.data.from_items([{"path": f"{name}-{i}"} for i in range(n)])
 
 
 @pytest.mark.parametrize(
     "batch_size,share,labeled_per_batch",
-    [(5, 0.6, 3), (10, 0.6, 6), (4, 0.5, 2), (8, 1.0, 8)],
+    [(5, 0.6, 3), (10, 0.6, 6), (4, 0.5, 2), (8, 1.0, 8), (2, 0.1, 1)],
 )
-def test_every_batch_has_the_labeled_share(batch_size, share, labeled_per_batch):
+def test_every_batch_has_the_labeled_share_over_an_epoch(
+    ray_local, batch_size, share, labeled_per_batch
+):
     num_labeled, num_pseudo = 7, 40
-    sampler = MixedBatchSampler(
-        num_labeled, num_pseudo, batch_size, share, steps=60, seed=3
-    )
-    batches = list(sampler)
-    assert len(batches) == 60
-    for batch in batches:
+    n_labeled, n_pseudo = split_batch(batch_size, share, pseudo=True)
+    assert n_labeled == labeled_per_batch
+    streams = {
+        LABELED: RowStream(_ids(ray_local, "l", num_labeled).iterator(), n_labeled),
+        PSEUDO: RowStream(_ids(ray_local, "p", num_pseudo).iterator(), n_pseudo),
+    }
+    sizes = {LABELED: n_labeled, PSEUDO: n_pseudo}
+    steps = -(-num_pseudo // n_pseudo) if n_pseudo else 10  # one pseudo epoch
+    seen = Counter()
+    for _ in range(steps):
+        batch = next_batch(streams, sizes)
         assert len(batch) == batch_size
-        assert sum(i < num_labeled for i in batch) == labeled_per_batch
-    seen = [i for b in batches for i in b]
-    # the small labeled set is repeated; every pseudo-labeled image is visited
-    assert set(i for i in seen if i < num_labeled) == set(range(num_labeled))
-    if share < 1.0:
-        assert set(i for i in seen if i >= num_labeled) == set(range(7, 47))
+        assert sum(r["source"] == LABELED for r in batch) == labeled_per_batch
+        assert all(str(r["path"]).startswith("l-") for r in batch[:labeled_per_batch])
+        seen.update(str(r["path"]) for r in batch)
+    pseudo = {k: v for k, v in seen.items() if k.startswith("p-")}
+    labeled = [v for k, v in seen.items() if k.startswith("l-")]
+    if n_pseudo:  # every pseudo-labeled image once (the last step wraps around)
+        assert len(pseudo) == num_pseudo
+        assert sum(pseudo.values()) == steps * n_pseudo
+    # the small labeled set is repeated, evenly: counts differ by at most one
+    assert len(labeled) == num_labeled and max(labeled) - min(labeled) <= 1
+    for stream in streams.values():
+        stream.close()
 
 
-def test_each_pass_visits_every_image_once():
-    sampler = MixedBatchSampler(6, 30, 5, 0.6, steps=10, seed=0)
-    pseudo = [i for b in sampler for i in b if i >= 6]
-    # 10 steps x 2 pseudo slots = 20 of the 30 pseudo images: no repeat within a pass
-    assert len(pseudo) == 20 and len(set(pseudo)) == 20
+def test_a_resumed_stream_continues_at_the_same_position(ray_local):
+    data = _ids(ray_local, "x", 10)
+    first = RowStream(data.iterator(), 4)
+    taken = [r["path"] for _ in range(3) for r in first.take(4)]  # 12 = 1 epoch + 2
+    assert first.position() == {"epoch": 1, "offset": 2}
+    resumed = RowStream(data.iterator(), 4, **first.position())
+    rest = [str(r["path"]) for r in resumed.take(8)]
+    # the rest of epoch 1 (8 rows, all different from its first 2), then epoch 2
+    assert len(set(rest)) == 8 and not set(rest) & {str(p) for p in taken[10:]}
+    assert resumed.position() == {"epoch": 1, "offset": 10}
+    assert resumed.take(1) and resumed.position() == {"epoch": 2, "offset": 1}
+    first.close()
+    resumed.close()
 
 
-def test_resumed_sampler_continues_with_the_same_batches():
-    full = list(MixedBatchSampler(5, 20, 5, 0.6, steps=12, seed=1))
-    resumed = list(MixedBatchSampler(5, 20, 5, 0.6, steps=12, seed=1, start_step=7))
-    assert resumed == full[7:]
-
-
-def test_workers_get_disjoint_batches():
-    kwargs = dict(
-        num_labeled=4, num_pseudo=100, batch_size=5, labeled_share=0.6, steps=10
-    )
-    rank0 = [
-        i
-        for b in MixedBatchSampler(**kwargs, rank=0, world_size=2)
-        for i in b
-        if i >= 4
-    ]
-    rank1 = [
-        i
-        for b in MixedBatchSampler(**kwargs, rank=1, world_size=2)
-        for i in b
-        if i >= 4
-    ]
-    assert not set(rank0) & set(rank1)
+def test_split_batch():
+    assert split_batch(5, 0.6, pseudo=False) == (5, 0)
+    assert split_batch(5, 0.6, pseudo=True) == (3, 2)
+    assert split_batch(4, 0.01, pseudo=True) == (1, 3)  # never without labeled images
 
 
 def test_lr_schedule_warms_up_and_steps_down():
@@ -72,26 +110,161 @@ def test_lr_schedule_warms_up_and_steps_down():
     assert lr_factor(95, cfg) == pytest.approx(0.01)
 
 
-def test_losses_are_finite_on_an_image_with_zero_boxes(demo_dir, weights):
-    model = build_model(
-        ModelConfig(backbone_weights=weights, **TINY_MODEL), num_classes=11
+def _demo_records(demo_dir, masks=True, keypoints=True):
+    from raydd.config import CocoSplit
+
+    split = CocoSplit(str(demo_dir / "labeled.json"), str(demo_dir / "labeled"))
+    categories = Categories.from_coco(load_coco(split.annotations))
+    return categories, coco_records(split, categories, masks, keypoints)
+
+
+def _flip_permutation(demo_dir):
+    names = keypoint_names(load_coco(str(demo_dir / "labeled.json")))
+    assert names == KEYPOINT_NAMES
+    return tuple(keypoint_flip_permutation(names))
+
+
+def test_hflip_mirrors_image_boxes_masks_and_swaps_left_right(demo_dir):
+    _, records = _demo_records(demo_dir)
+    record = next(r for r in records if len(r.labels))
+    rng = np.random.default_rng(0)
+    common = dict(
+        min_sizes=(128,),
+        max_size=128,
+        flip_permutation=_flip_permutation(demo_dir),
+        masks=True,
+        keypoints=True,
     )
+    plain = Augment(**common).row(_row(record), rng)
+    flip = Augment(**common, hflip_prob=1.0).row(_row(record), rng)
+    width = plain[schema.IMAGE].shape[1]
+    np.testing.assert_array_equal(flip[schema.IMAGE], plain[schema.IMAGE][:, ::-1])
+    np.testing.assert_array_equal(flip[schema.MASKS], plain[schema.MASKS][..., ::-1])
+    x0, y0, x1, y1 = plain[schema.BOXES].T
+    np.testing.assert_allclose(
+        flip[schema.BOXES], np.stack([width - x1, y0, width - x0, y1], 1)
+    )
+    left, right = KEYPOINT_NAMES.index("left"), KEYPOINT_NAMES.index("right")
+    top = KEYPOINT_NAMES.index("top")
+    mirrored = plain[schema.KEYPOINTS].copy()
+    mirrored[..., 0] = width - mirrored[..., 0]
+    # the flipped image's left-most point is the original right-most one, mirrored
+    np.testing.assert_allclose(flip[schema.KEYPOINTS][:, left], mirrored[:, right])
+    np.testing.assert_allclose(flip[schema.KEYPOINTS][:, right], mirrored[:, left])
+    np.testing.assert_allclose(flip[schema.KEYPOINTS][:, top], mirrored[:, top])
+    # and it really is left of the right-most one
+    assert (
+        flip[schema.KEYPOINTS][:, left, 0] <= flip[schema.KEYPOINTS][:, right, 0]
+    ).all()
+
+
+def _row(record: Record) -> dict:
+    from raydd.ingest import _row as row
+
+    return row(record)
+
+
+def test_multi_scale_resize_scales_every_target(demo_dir):
+    _, records = _demo_records(demo_dir)
+    record = next(r for r in records if len(r.labels))
+    augment = Augment(
+        (64, 96), 1000, 0.0, _flip_permutation(demo_dir), masks=True, keypoints=True
+    )
+    sizes = set()
+    for seed in range(8):
+        out = augment.row(_row(record), np.random.default_rng(seed))
+        h, w = out[schema.IMAGE].shape[:2]
+        sizes.add(min(h, w))
+        ratio = w / record.width
+        np.testing.assert_allclose(out[schema.BOXES], record.boxes * ratio, rtol=1e-5)
+        assert out[schema.MASKS].shape == (len(record.labels), h, w)
+        points = record.keypoints.reshape(len(record.labels), -1, 3)
+        np.testing.assert_allclose(
+            out[schema.KEYPOINTS][..., :2], points[..., :2] * ratio, rtol=1e-5
+        )
+    assert sizes == {64, 96}
+
+
+def test_masks_come_from_the_coco_segmentation(demo_dir):
+    _, records = _demo_records(demo_dir)
+    record = next(r for r in records if len(r.labels))
+    mask = decode_rle(record.masks[0], record.height, record.width)
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = record.boxes[0]
+    assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1
+    assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fasterrcnn_mobilenet_v2_fpn",
+        "maskrcnn_mobilenet_v2_fpn",
+        "keypointrcnn_mobilenet_v2_fpn",
+        "retinanet_mobilenet_v2_fpn",
+        "fcos_mobilenet_v2_fpn",
+    ],
+)
+def test_models_train_from_demo_rows_with_finite_losses(
+    ray_local, demo_dir, weights, name
+):
+    """A few SGD steps on Ray Data rows, an image with zero boxes in each batch."""
+    from raydd.models import targets
+    from raydd.train import TrainJob, _build
+
+    masks, keypoints = targets(name)
+    categories, records = _demo_records(demo_dir, masks, keypoints)
+    records = [r for r in records if len(r.labels)][:3]
     empty = Record(
-        str(next((demo_dir / "labeled").glob("*.png"))),
+        records[0].path,
         np.zeros((0, 4), np.float32),
         np.zeros(0, np.int64),
+        np.zeros(0, object) if masks else None,
+        np.zeros((0, 12), np.float32) if keypoints else None,
+        records[0].height,
+        records[0].width,
     )
-    images, targets = collate([DetectionDataset([empty])[0]])
-    assert targets[0]["boxes"].shape == (0, 4)
-    model.train()
-    losses = model(images, targets)
-    assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["loss_box_reg"].item() == 0.0
+    augment = Augment(
+        (96, 128), 128, 0.5, _flip_permutation(demo_dir), masks, keypoints
+    )
+    rows = prepare([*records, empty], augment).take_all()
+    assert [len(r[schema.LABELS]) for r in rows][-1] == 0
+    kwargs = {"num_keypoints": 4} if keypoints else {}
+    if "rcnn" not in name:  # one-stage models take no RPN settings
+        kwargs |= {"anchor_sizes": TINY_MODEL["kwargs"]["anchor_sizes"]}
+        model_config = ModelConfig(
+            name=name,
+            backbone_weights=weights,
+            min_size=(128,),
+            max_size=128,
+            kwargs=kwargs,
+        )
+    else:
+        model_config = ModelConfig(
+            name=name,
+            backbone_weights=weights,
+            **{**TINY_MODEL, "kwargs": TINY_MODEL["kwargs"] | kwargs},
+        )
+    job = TrainJob(model=model_config, train=TrainConfig(), categories=categories)
+    model = _build(job).train()
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.005
+    )
+    for _ in range(2):
+        images, batch_targets = to_device(rows, torch.device("cpu"))
+        losses = model(images, batch_targets)
+        assert losses and all(torch.isfinite(v) for v in losses.values())
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    if masks:
+        assert "loss_mask" in losses
+    if keypoints:
+        assert "loss_keypoint" in losses
 
 
 def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     from raydd.checkpoint import save_detector
-    from raydd.data.coco import Categories
     from raydd.train import TrainJob, _build
 
     config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
@@ -100,7 +273,7 @@ def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     with torch.no_grad():
         teacher.roi_heads.box_predictor.cls_score.weight.fill_(0.125)
     save_detector(tmp_path, teacher, config, categories)
-    job = TrainJob(model=config, train=TrainConfig(), categories=categories, labeled=[])
+    job = TrainJob(model=config, train=TrainConfig(), categories=categories)
 
     fine_tuned = _build(TrainJob(**{**job.__dict__, "init_from": str(tmp_path)}))
     retrained = _build(job)
@@ -116,3 +289,157 @@ def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     torch.testing.assert_close(
         retrained.state_dict()[first_conv], fine_tuned.state_dict()[first_conv]
     )
+
+
+# --- real Ray Train runs ---------------------------------------------------------
+
+
+def _student_run(demo_dir, weights, out, overrides):
+    """A student-like run: labeled + pseudo-labeled (the validation split) sets."""
+    from raydd.teacher import augment_for, labeled_training_records
+    from raydd.train import TrainJob
+
+    config = parse_config(tiny_config(demo_dir, out, weights), overrides)
+    categories, labeled = labeled_training_records(config)
+    from raydd.config import CocoSplit
+
+    pseudo = coco_records(
+        CocoSplit(str(demo_dir / "validation.json"), str(demo_dir / "validation")),
+        categories,
+    )
+    augment = augment_for(config, config.student)
+    job = TrainJob(
+        model=config.model,
+        train=config.student,
+        categories=categories,
+        labeled_share=config.student.labeled_share,
+        log_dir=str(out / "tb"),
+        metadata={"role": "student"},
+    )
+    datasets = {LABELED: prepare(labeled, augment), PSEUDO: prepare(pseudo, augment)}
+    return job, datasets
+
+
+def _checkpoint_kind(path: Path) -> tuple:
+    meta = json.loads((path / "metadata.json").read_text())
+    state = torch.load(path / "model.pt", weights_only=True)
+    files = sorted(p.name for p in path.iterdir())
+    return files, sorted(meta), {k: tuple(v.shape) for k, v in state.items()}
+
+
+@pytest.mark.slow
+def test_one_and_two_workers_give_the_same_kind_of_checkpoint(
+    ray_local, demo_dir, weights, tmp_path
+):
+    from raydd.train import fit
+
+    kinds, metrics = [], []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        job, datasets = _student_run(
+            demo_dir,
+            weights,
+            out,
+            [
+                f"student.num_workers={workers}",
+                "student.cpus_per_worker=0.5",
+                "student.iterations=4",
+                "student.log_every=1",
+            ],
+        )
+        path = fit(job, datasets, "student", out / "ray_train", out / "student")
+        kinds.append(_checkpoint_kind(path))
+        metrics.append(json.loads((path / "metadata.json").read_text()))
+        assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert kinds[0] == kinds[1]
+    assert metrics[0]["step"] == metrics[1]["step"] == 4
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_its_checkpoint(
+    ray_local, demo_dir, weights, tmp_path
+):
+    """SIGKILL the training worker after its first checkpoint: Ray Train restarts
+    it (FailureConfig), the loop restores model, optimizer and data position, and
+    the run ends with its final metrics."""
+    from raydd.train import fit
+
+    job, datasets = _student_run(
+        demo_dir,
+        weights,
+        tmp_path,
+        [
+            "student.iterations=14",
+            "student.checkpoint_every=4",
+            "student.max_failures=1",
+        ],
+    )
+    killed = []
+
+    def kill_after_a_checkpoint():
+        # a second checkpoint folder means the first one is registered with Ray Train
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if len(list((tmp_path / "ray_train" / "student").glob("checkpoint_*"))) > 1:
+                for pid in _train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    killer.start()
+    path = fit(job, datasets, "student", tmp_path / "ray_train", tmp_path / "student")
+    killer.join()
+    assert killed, "no training worker process was found to kill"
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["step"] == 14
+    assert meta["resumed_from"] in (4, 8, 12)  # from a checkpoint, not from step 0
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["step"] == 14 and np.isfinite(metrics["loss"])
+    assert metrics["labeled_share"] == pytest.approx(3 / 5)
+
+
+def test_scaling_is_fixed_or_elastic_from_the_config():
+    from raydd.train import scaling_config
+
+    fixed = scaling_config(TrainConfig(num_workers=4, use_gpu=True))
+    assert (fixed.num_workers, fixed.use_gpu) == (4, True)
+    elastic = scaling_config(
+        TrainConfig(num_workers=2, max_workers=8, cpus_per_worker=3)
+    )
+    assert elastic.num_workers == (2, 8)
+    assert elastic.resources_per_worker == {"CPU": 3}
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("student.max_workers=1", "max_workers (1) must be at least num_workers"),
+        ("teacher.cpus_per_worker=0", "cpus_per_worker must be positive"),
+        ("teacher.lr_milestones=[0.7,1.5]", "lr_milestones"),
+        ("student.log_every=0", "student.log_every must be at least 1"),
+    ],
+)
+def test_bad_training_settings_are_rejected(
+    demo_dir, weights, tmp_path, override, message
+):
+    from raydd.config import ConfigError
+
+    raw = tiny_config(demo_dir, tmp_path, weights)
+    overrides = [override] + (
+        ["student.num_workers=2"] if "max_workers" in override else []
+    )
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ):
+        parse_config(raw, overrides)

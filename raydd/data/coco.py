@@ -22,8 +22,6 @@ from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
 from raydd.config import CocoSplit
-from raydd.data.images import load_rgb, to_tensor
-from raydd.views import hflip_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +121,41 @@ def keypoint_flip_permutation(names: Sequence[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class Record:
-    """One training image: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels [N]``."""
+    """One training image: ``boxes`` float32 ``[N, 4]`` xyxy pixels, ``labels [N]``.
+
+    Optional per-instance targets: ``masks``, an object array ``[N]`` of compressed
+    COCO RLE ``counts`` strings of size ``[height, width]``; ``keypoints``, float32
+    ``[N, 3K]`` COCO triplets ``x, y, v`` in pixels (``v = 0``: not labeled).
+    """
 
     path: str
     boxes: np.ndarray
     labels: np.ndarray
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+    height: int = 0
+    width: int = 0
 
 
-def coco_records(split: CocoSplit, categories: Categories) -> list[Record]:
-    """Every image of a COCO split (images without annotations too), minus crowds."""
+def _rle_counts(coco: COCO, ann: dict[str, Any]) -> str:
+    """An annotation's polygon or RLE ``segmentation`` as compressed RLE counts."""
+    counts = coco.annToRLE(ann)["counts"]
+    return counts.decode("ascii") if isinstance(counts, bytes) else counts
+
+
+def coco_records(
+    split: CocoSplit,
+    categories: Categories,
+    masks: bool = False,
+    keypoints: bool = False,
+) -> list[Record]:
+    """Every image of a COCO split (images without annotations too), minus crowds.
+
+    With ``masks``/``keypoints`` the records carry those targets too (every kept
+    annotation must then have ``segmentation``/``keypoints``).
+    """
     coco = load_coco(split.annotations)
+    num_keypoints = len(keypoint_names(coco)) if keypoints else 0
     records = []
     for image_id in sorted(coco.getImgIds()):
         info = coco.loadImgs(image_id)[0]
@@ -141,12 +164,25 @@ def coco_records(split: CocoSplit, categories: Categories) -> list[Record]:
         xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(
             -1, 4
         )
-        boxes = box_convert(xywh, "xywh", "xyxy").numpy()
-        labels = np.array(
-            [categories.to_label(a["category_id"]) for a in anns], np.int64
+        records.append(
+            Record(
+                os.path.join(split.images, info["file_name"]),
+                box_convert(xywh, "xywh", "xyxy").numpy(),
+                np.array(
+                    [categories.to_label(a["category_id"]) for a in anns], np.int64
+                ),
+                np.array([_rle_counts(coco, a) for a in anns], object)
+                if masks
+                else None,
+                np.array([a["keypoints"] for a in anns], np.float32).reshape(
+                    -1, 3 * num_keypoints
+                )
+                if keypoints
+                else None,
+                int(info["height"]),
+                int(info["width"]),
+            )
         )
-        path = os.path.join(split.images, info["file_name"])
-        records.append(Record(path, boxes, labels))
     return records
 
 
@@ -159,40 +195,3 @@ def image_paths(split: CocoSplit) -> list[str]:
 def instances_per_image(records: list[Record]) -> float:
     """Mean number of instances per image (the paper's threshold target)."""
     return float(np.mean([len(r.labels) for r in records])) if records else 0.0
-
-
-class DetectionDataset(torch.utils.data.Dataset):
-    """``(image, target)`` pairs in torchvision's detection contract.
-
-    ``image`` is float32 ``[3, H, W]`` in 0..1; ``target`` has ``boxes`` (float32
-    ``[N, 4]`` xyxy pixels) and ``labels`` (int64 ``[N]``). ``N`` may be 0.
-    Horizontal flips (with probability ``hflip_prob``) are the only augmentation here;
-    scale jitter is torchvision's multi-scale ``min_size``.
-    """
-
-    def __init__(self, records: list[Record], hflip_prob: float = 0.0) -> None:
-        self.records = records
-        self.hflip_prob = hflip_prob
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        record = self.records[index]
-        image = to_tensor(load_rgb(record.path))
-        boxes = torch.tensor(record.boxes, dtype=torch.float32).reshape(-1, 4)
-        if self.hflip_prob and torch.rand(()) < self.hflip_prob:
-            image, boxes = image.flip(-1), hflip_boxes(boxes, image.shape[-1])
-        target = {
-            "boxes": boxes,
-            "labels": torch.tensor(record.labels, dtype=torch.int64),
-        }
-        return image, target
-
-
-def collate(
-    batch: list[Any],
-) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Keeps images and targets as lists (torchvision detectors take ragged sizes)."""
-    images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)
