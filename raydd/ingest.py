@@ -149,14 +149,15 @@ class Augment:
             )
         pixels = _resize_pixels(pixels, size)
         scale = torch.tensor([size[1] / width, size[0] / height] * 2)
+        # torch.tensor copies: Ray Data hands read-only views of its blocks
         target = {
-            schema.BOXES: torch.as_tensor(row[schema.BOXES]).reshape(-1, 4) * scale,
-            schema.LABELS: torch.as_tensor(row[schema.LABELS]).reshape(-1),
+            schema.BOXES: torch.tensor(row[schema.BOXES]).reshape(-1, 4) * scale,
+            schema.LABELS: torch.tensor(row[schema.LABELS]).reshape(-1),
         }
         if self.masks:
             target[schema.MASKS] = _masks(row[schema.MASKS], height, width, size)
         if self.keypoints:
-            points = torch.as_tensor(row[schema.KEYPOINTS]).reshape(
+            points = torch.tensor(row[schema.KEYPOINTS]).reshape(
                 len(target[schema.LABELS]), len(self.flip_permutation), 3
             )
             target[schema.KEYPOINTS] = points * torch.tensor([*scale[:2], 1.0])
@@ -201,7 +202,10 @@ def _masks(
 
 def prepare(records: Sequence[Record], augment: Augment) -> ray.data.Dataset:
     """``records`` as training rows, decoded and augmented by Ray Data."""
-    return records_dataset(records).map_batches(augment, batch_size=AUGMENT_BATCH)
+    dataset = records_dataset(records).map_batches(augment, batch_size=AUGMENT_BATCH)
+    # training logs its progress every log_every steps; a bar per pass is noise
+    dataset.context.enable_progress_bars = False
+    return dataset
 
 
 class RowStream:
@@ -276,7 +280,6 @@ def to_device(
     """
     images, targets = [], []
     for row in rows:
-        # torch.tensor copies: rows from Ray Data may be read-only views of its blocks
         image = torch.tensor(row[schema.IMAGE], device=device)
         images.append(image.permute(2, 0, 1).float().div_(255))
         target = {

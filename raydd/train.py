@@ -363,6 +363,10 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     )
 
 
+def _several_workers(cfg: TrainConfig) -> bool:
+    return cfg.num_workers > 1 or cfg.max_workers is not None
+
+
 def fit(
     job: TrainJob,
     datasets: dict[str, ray.data.Dataset],
@@ -391,6 +395,11 @@ def fit(
         train_loop,
         train_loop_config={"job": job},
         datasets=datasets,
+        # one worker reads each dataset whole: no split coordinator actors, whose
+        # bookkeeping costs a one-worker run more than it saves
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split="all" if _several_workers(cfg) else []
+        ),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
