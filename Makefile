@@ -35,11 +35,14 @@ test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -ra -m "not slow"
 
 # Benchmarks (not part of `make test`; their --smoke variants are): each writes
-# benchmarks/results/*.json, and benchmarks/RESULTS.md is generated from those.
+# benchmarks/results/*.json, and benchmarks/RESULTS.md (tables + PNG plots) is
+# generated from those. About 100 minutes on 2 CPU cores.
 bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/paper.py
 	$(BIN)/python benchmarks/threshold_search.py
-	$(BIN)/python benchmarks/distill_demo.py
-	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/fusion.py --threads 1 --device cpu --images 64
+	$(BIN)/python benchmarks/pseudo_label_throughput.py --images 100 --canvas 256 --batch-size 8
+	$(BIN)/python benchmarks/train_throughput.py --iterations 60 --log-every 10 --images 64
 	$(BIN)/python benchmarks/report.py
 
 clean:

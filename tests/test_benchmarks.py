@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 
 pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -123,3 +124,53 @@ def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert "Ray Train / plain" in capsys.readouterr().out
     module = runpy.run_path(str(BENCHMARKS / "report.py"))
     assert module["_train_throughput"](record)[2].startswith("| plain torch loop")
+
+
+def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
+    """Every experiment of the paper benchmark runs (tiny sizes, one seed), and the
+    report renders its tables and non-blank plots."""
+    results = tmp_path / "paper.json"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "paper.py",
+            "--smoke",
+            "--output-dir",
+            str(tmp_path / "work"),
+            "--results",
+            str(results),
+        ],
+    )
+    runpy.run_path(str(BENCHMARKS / "paper.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    assert record["smoke"] is True and len(record["seeds"]) == 1
+    seed = record["seeds"][0]
+    for key in ("teacher", "teacher_views", "retrained", "fine_tuned"):
+        assert set(record["summary"][key]) == {"AP", "AP50", "AP75"}
+        assert 0.0 <= seed[key]["AP"] <= 1.0
+    # 0% of the unlabeled images: labeled only; 100%: every readable one
+    assert [p["fraction"] for p in record["quantity"]] == [0.0, 1.0]
+    assert [p["pseudo_images"] for p in record["quantity"]] == [0, 10]
+    assert [v["name"] for v in record["views_ablation"]] == [
+        "identity",
+        "+ flip",
+        "+ scales",
+        "+ flip + scales",
+    ]
+    assert [len(v["views"]) for v in record["views_ablation"]] == [1, 2, 2, 4]
+    assert all(v["images_per_s"] > 0 for v in record["views_ablation"])
+    points = record["threshold"]["points"]
+    assert [p["heuristic"] for p in points].count(True) == 1
+    assert sorted(p["threshold"] for p in points) == [p["threshold"] for p in points]
+    assert [p["share"] for p in record["labeled_share"]] == [0.6, 0.8]
+    assert "student - teacher" in capsys.readouterr().out
+
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    lines = module["_paper"](record, plots=tmp_path / "plots")
+    pictures = [line for line in lines if line.startswith("![")]
+    assert len(pictures) == 5
+    for name in ("students", "quantity", "views", "threshold", "share"):
+        pixels = imread(tmp_path / "plots" / f"paper_{name}.png")
+        assert pixels.std() > 0.05, name  # not a blank canvas
+    assert any("(heuristic)" in line for line in lines)

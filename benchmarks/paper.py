@@ -1,0 +1,386 @@
+"""The paper's findings, reproduced on the embedded demo (Radosavovic et al. 2018).
+
+Writes fresh demo data (seed 0: 100 labeled, 1,000 unlabeled, 300 test images), then
+runs raydd's own steps (teacher -> views + ensemble -> threshold -> student ->
+evaluate) with the bench schedule below:
+
+1. **student vs teacher**, per training seed: the teacher (one view), the teacher with
+   the views ensembled, the student retrained from the initial weights and the student
+   fine-tuned from the teacher: COCO AP/AP50/AP75 on the test split, mean ± std;
+2. **unlabeled data quantity**: the (seed 0) student with 0, 25, 50 and 100% of the
+   pseudo-labeled images (nested random subsets), same labeled set and schedule;
+3. **views**: the teacher with the identity only, + flip, + scales, + both: AP, and
+   images/s of the model-holding stage (:class:`raydd.pseudo_label.Predictor`);
+4. **threshold**: the student at fixed score thresholds vs at the instances-per-image
+   heuristic's threshold, with the pseudo-instances per image each leaves;
+5. **labeled share** of every minibatch: 0.4 / 0.6 / 0.8.
+
+The student trains twice as many steps as the teacher (the paper's students train
+longer: they have more data); the 0% point of experiment 2 is the student's schedule on
+labeled images only, which separates the unlabeled images' share of the gain from the
+longer schedule's. Writes ``benchmarks/results/paper.json``;
+``benchmarks/report.py`` turns it into tables and plots. ``--smoke`` runs every part
+with tiny sizes (one seed, one point per sweep) in a few minutes.
+
+    python benchmarks/paper.py [--smoke] [--seeds 3] [--output-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from raydd.config import Config, ViewConfig, load_config, single_view
+from raydd.data.coco import image_paths
+from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.evaluate import METRICS, evaluate_checkpoint
+from raydd.models import offline_mobilenet_v2_weights
+from raydd.pipeline import choose_threshold
+from raydd.pseudo_label import Predictor, pseudo_label, read_candidates
+from raydd.runtime import init_ray
+from raydd.sources import load_batch
+from raydd.student import pseudo_records, train_student
+from raydd.teacher import train_teacher
+from raydd.threshold import thresholds_by_label
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The teacher: 160 steps of 5 labeled images. The student: twice as long (320 steps of
+# 3 labeled + 2 pseudo-labeled), as the paper trains its students longer than the
+# teacher (more data); the 0% point of the quantity sweep is that same long schedule on
+# labeled images only, so it tells how much of the gain the unlabeled images bring.
+# No evaluation inside training (every model is evaluated at the end).
+SCHEDULE = [
+    f"{role}.{key}={value}"
+    for role, steps in (("teacher", 160), ("student", 320))
+    for key, value in (
+        ("iterations", steps),
+        ("batch_size", 5),
+        ("eval_every", 0),
+        ("checkpoint_every", steps),
+    )
+]
+SMOKE_SCHEDULE = [
+    f"{role}.{key}={value}"
+    for role in ("teacher", "student")
+    for key, value in (("iterations", 2), ("checkpoint_every", 2))
+] + ["threshold.num_samples=6"]
+# The paper's regime: few labeled images (100, ~340 digits), 10x as many unlabeled.
+SIZES = DemoSizes(labeled=100, unlabeled=1000)
+SMOKE_SIZES = DemoSizes(labeled=8, unlabeled=10, test=6, validation=6)
+
+FRACTIONS = (0.0, 0.25, 0.5)  # of the unlabeled images; 100% is the seed-0 student
+THRESHOLDS = (0.2, 0.7)  # fixed thresholds next to the heuristic's
+SHARES = (0.4, 0.8)  # labeled share; 0.6 is the seed-0 student
+SMOKE_SWEEPS = {"fractions": (0.0,), "thresholds": (0.6,), "shares": (0.8,)}
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}"
+
+
+def log(message: str) -> None:
+    print(f"[paper {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def under(config: Config, name: str, **student: Any) -> Config:
+    """``config`` writing under ``OUTPUT_DIR/name``, with student fields replaced."""
+    return dataclasses.replace(
+        config,
+        output_dir=str(Path(config.output_dir) / name),
+        student=dataclasses.replace(config.student, **student),
+    )
+
+
+def seeded(config: Config, seed: int) -> Config:
+    return dataclasses.replace(
+        config,
+        output_dir=str(Path(config.output_dir) / f"seed{seed}"),
+        teacher=dataclasses.replace(config.teacher, seed=seed),
+        student=dataclasses.replace(config.student, seed=seed),
+    )
+
+
+def evaluate(config: Config, checkpoint: Path, views: Sequence[ViewConfig]) -> dict:
+    return evaluate_checkpoint(
+        str(checkpoint), config.data.test, views, config.ensemble, config.inference
+    )
+
+
+def student_ap(
+    config: Config,
+    candidates: pd.DataFrame,
+    thresholds: dict[int, float],
+    teacher: Path,
+) -> dict[str, Any]:
+    """Trains one student and scores it (one view, like the teacher)."""
+    tic = time.perf_counter()
+    checkpoint = train_student(config, candidates, thresholds, teacher)
+    metrics = evaluate(config, checkpoint, single_view(config))
+    pseudo = pseudo_records(candidates, thresholds)
+    result = {
+        **metrics,
+        "pseudo_images": len(pseudo),
+        "pseudo_instances_per_image": (
+            sum(len(r.labels) for r in pseudo) / len(pseudo) if pseudo else 0.0
+        ),
+        "seconds": round(time.perf_counter() - tic, 1),
+    }
+    name = Path(config.output_dir).name
+    log(f"{name}: AP {metrics['AP']:.4f} ({result['seconds']} s)")
+    return result
+
+
+def view_sets(config: Config) -> dict[str, list[ViewConfig]]:
+    """Identity, + flip, + the configured scales, + both (each scale flipped too)."""
+    plain = list(single_view(config))
+    scales = [v for v in config.views if v.scale != plain[0].scale or v.hflip]
+    scaled = plain + [dataclasses.replace(v, hflip=False) for v in scales]
+    flipped = [dataclasses.replace(v, hflip=True) for v in scaled]
+    return {
+        "identity": plain,
+        "+ flip": plain + flipped[:1],
+        "+ scales": scaled,
+        "+ flip + scales": [
+            v for pair in zip(scaled, flipped, strict=True) for v in pair
+        ],
+    }
+
+
+def views_cost(
+    config: Config, checkpoint: Path, views: list[ViewConfig], paths: list[str]
+) -> float:
+    """Images/s of the model-holding stage with ``views`` on this process's CPUs/GPU
+    (after one untimed warm-up batch; decoding not counted)."""
+    predictor = Predictor(
+        str(checkpoint), views, config.ensemble, num_threads=os.cpu_count() or 1
+    )
+    size = config.inference.batch_size
+    batches = [
+        load_batch({"path": np.asarray(paths[i : i + size], dtype=object)})
+        for i in range(0, len(paths), size)
+    ]
+    predictor(batches[0])
+    tic = time.perf_counter()
+    for batch in batches:
+        predictor(batch)
+    return len(paths) / (time.perf_counter() - tic)
+
+
+def mean_std(rows: list[dict], key: str) -> dict[str, dict[str, float]]:
+    return {
+        m: {
+            "mean": float(np.mean([r[key][m] for r in rows])),
+            "std": float(np.std([r[key][m] for r in rows], ddof=1))
+            if len(rows) > 1
+            else 0.0,
+        }
+        for m in METRICS
+    }
+
+
+def run_seed(config: Config, seed: int) -> tuple[dict, dict]:
+    """Experiment 1 for one seed; returns its row and what the sweeps reuse."""
+    cfg = seeded(config, seed)
+    tic = time.perf_counter()
+    teacher = train_teacher(cfg)
+    teacher_seconds = round(time.perf_counter() - tic, 1)
+    labeling = pseudo_label(cfg, str(teacher))
+    candidates = read_candidates(labeling.candidates)
+    threshold = choose_threshold(cfg, candidates)
+    used = thresholds_by_label(threshold, cfg.threshold.per_class)
+    row = {
+        "seed": seed,
+        "teacher": evaluate(cfg, teacher, single_view(cfg)),
+        "teacher_views": evaluate(cfg, teacher, cfg.views),
+        "threshold": threshold.threshold,
+        "teacher_seconds": teacher_seconds,
+        "pseudo_label_seconds": round(labeling.seconds, 1),
+    }
+    log(
+        f"seed {seed}: teacher AP {row['teacher']['AP']:.4f}, with views "
+        f"{row['teacher_views']['AP']:.4f}, threshold {threshold.threshold:.3f}"
+    )
+    row["retrained"] = student_ap(
+        under(cfg, "retrained", init="pretrained"), candidates, used, teacher
+    )
+    row["fine_tuned"] = student_ap(
+        under(cfg, "fine_tuned", init="teacher"), candidates, used, teacher
+    )
+    reuse = {
+        "config": cfg,
+        "teacher": teacher,
+        "candidates": candidates,
+        "used": used,
+        "threshold": threshold,
+    }
+    return row, reuse
+
+
+def quantity(seed0: dict, retrained: dict, fractions: Sequence[float]) -> list[dict]:
+    """Experiment 2: nested random subsets of the pseudo-labeled images."""
+    cfg, candidates = seed0["config"], seed0["candidates"]
+    order = np.random.default_rng(0).permutation(len(candidates))
+    points = [{"fraction": 1.0, **retrained}]
+    for fraction in fractions:
+        subset = candidates.iloc[order[: round(fraction * len(candidates))]]
+        result = student_ap(
+            under(cfg, f"unlabeled_{fraction:g}"),
+            subset,
+            seed0["used"],
+            seed0["teacher"],
+        )
+        points.append({"fraction": fraction, **result})
+    return sorted(points, key=lambda p: p["fraction"])
+
+
+def threshold_sweep(
+    seed0: dict, retrained: dict, thresholds: Sequence[float]
+) -> dict[str, Any]:
+    """Experiment 4: the student at fixed thresholds vs the heuristic's."""
+    cfg, found = seed0["config"], seed0["threshold"]
+    points = [{"threshold": found.threshold, "heuristic": True, **retrained}]
+    for t in thresholds:
+        used = {label: t for label in seed0["used"]}
+        result = student_ap(
+            under(cfg, f"threshold_{t:g}"),
+            seed0["candidates"],
+            used,
+            seed0["teacher"],
+        )
+        points.append({"threshold": t, "heuristic": False, **result})
+    return {
+        "heuristic": found.threshold,
+        "labeled_instances_per_image": found.labeled_instances_per_image,
+        "points": sorted(points, key=lambda p: p["threshold"]),
+    }
+
+
+def labeled_share(seed0: dict, retrained: dict, shares: Sequence[float]) -> list:
+    """Experiment 5: the labeled share of every minibatch."""
+    cfg = seed0["config"]
+    points = [{"share": cfg.student.labeled_share, **retrained}]
+    for share in shares:
+        result = student_ap(
+            under(cfg, f"share_{share:g}", labeled_share=share),
+            seed0["candidates"],
+            seed0["used"],
+            seed0["teacher"],
+        )
+        points.append({"share": share, **result})
+    return sorted(points, key=lambda p: p["share"])
+
+
+def views_ablation(seed0: dict) -> list[dict]:
+    """Experiment 3: AP and cost of each set of views (the seed-0 teacher)."""
+    cfg, teacher = seed0["config"], seed0["teacher"]
+    paths = image_paths(cfg.data.test)[:96]
+    rows = []
+    for name, views in view_sets(cfg).items():
+        metrics = evaluate(cfg, teacher, views)
+        speed = views_cost(cfg, teacher, views, paths)
+        rows.append(
+            {
+                "name": name,
+                "views": [dataclasses.asdict(v) for v in views],
+                **metrics,
+                "images_per_s": speed,
+            }
+        )
+        log(f"views {name}: AP {metrics['AP']:.4f}, {speed:.1f} images/s")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, minutes")
+    parser.add_argument("--seeds", type=int, default=None, help="3 (smoke: 1)")
+    parser.add_argument("--output-dir", default=None)
+    parser.add_argument(
+        "--results", default=str(ROOT / "benchmarks/results/paper.json")
+    )
+    args = parser.parse_args()
+    seeds = args.seeds or (1 if args.smoke else 3)
+    sweeps = (
+        SMOKE_SWEEPS
+        if args.smoke
+        else {"fractions": FRACTIONS, "thresholds": THRESHOLDS, "shares": SHARES}
+    )
+
+    tic = time.perf_counter()
+    work = Path(args.output_dir or tempfile.mkdtemp(prefix="raydd-paper-"))
+    sizes = SMOKE_SIZES if args.smoke else SIZES
+    data = write_demo_dataset(work / "data", seed=0, sizes=sizes)
+    overrides = [
+        f"data.labeled.annotations={data / 'labeled.json'}",
+        f"data.labeled.images={data / 'labeled'}",
+        f"data.unlabeled.images={data / 'unlabeled'}",
+        f"data.test.annotations={data / 'test.json'}",
+        f"data.test.images={data / 'test'}",
+        f"data.validation.annotations={data / 'validation.json'}",
+        f"data.validation.images={data / 'validation'}",
+        f"output_dir={work / 'output'}",
+        f"model.backbone_weights={offline_mobilenet_v2_weights()}",
+    ]
+    schedule = SCHEDULE + (SMOKE_SCHEDULE if args.smoke else [])
+    config = load_config(ROOT / "configs/demo.yaml", overrides + schedule)
+    init_ray()
+
+    rows, seed0 = [], None
+    for seed in range(seeds):
+        row, reuse = run_seed(config, seed)
+        rows.append(row)
+        seed0 = seed0 or reuse
+    retrained = rows[0]["retrained"]
+    record = {
+        "benchmark": "paper",
+        "smoke": args.smoke,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "command": "python benchmarks/paper.py" + (" --smoke" if args.smoke else ""),
+        "schedule": {
+            "teacher": dataclasses.asdict(config.teacher),
+            "student": dataclasses.asdict(config.student),
+        },
+        "images": dataclasses.asdict(sizes),
+        "views": [dataclasses.asdict(v) for v in config.views],
+        "seeds": rows,
+        "summary": {
+            key: mean_std(rows, key)
+            for key in ("teacher", "teacher_views", "retrained", "fine_tuned")
+        },
+        "quantity": quantity(seed0, retrained, sweeps["fractions"]),
+        "views_ablation": views_ablation(seed0),
+        "threshold": threshold_sweep(seed0, retrained, sweeps["thresholds"]),
+        "labeled_share": labeled_share(seed0, retrained, sweeps["shares"]),
+    }
+    record["seconds"] = round(time.perf_counter() - tic, 1)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(record, indent=2))
+    s = record["summary"]
+    for key in s:
+        log(f"{key:>13}: AP {s[key]['AP']['mean']:.4f} ± {s[key]['AP']['std']:.4f}")
+    gain = s["retrained"]["AP"]["mean"] - s["teacher"]["AP"]["mean"]
+    log(f"student - teacher: {gain:+.4f} AP over {seeds} seed(s)")
+    log(f"total {record['seconds'] / 60:.1f} min; results: {results}")
+
+
+if __name__ == "__main__":
+    main()
