@@ -11,6 +11,7 @@ throughput result in one table, then each benchmark's details.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,13 +185,8 @@ def _paper_students(r: dict, plots: Path) -> list[str]:
 
     def paired(a: str, b: str) -> str:
         diffs = [s[a]["AP"] - s[b]["AP"] for s in seeds]
-        mean = sum(diffs) / len(diffs)
-        std = (
-            (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
-            if len(diffs) > 1
-            else 0.0
-        )
-        return f"**{mean * 100:+.1f} ± {std * 100:.1f} AP points**"
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        return f"**{statistics.mean(diffs) * 100:+.1f} ± {std * 100:.1f} AP points**"
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     means = [summary[k]["AP"]["mean"] for k in STUDENTS]
