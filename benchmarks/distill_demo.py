@@ -17,9 +17,9 @@ import platform
 import tempfile
 from pathlib import Path
 
-from raydd.cli import format_table
 from raydd.config import load_config
 from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.evaluate import format_table
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.pipeline import run_distillation
 from raydd.runtime import init_ray

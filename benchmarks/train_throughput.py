@@ -180,7 +180,7 @@ def _plain_loop(
 
 def _job(config: Config, work: Path) -> tuple[TrainJob, dict]:
     """The student job (3 labeled + 2 pseudo per step) and its two datasets."""
-    categories, labeled = labeled_training_records(config)
+    categories, labeled, names = labeled_training_records(config)
     pseudo = coco_records(config.data.validation, categories)
     cfg = config.student
     job = TrainJob(
@@ -190,7 +190,7 @@ def _job(config: Config, work: Path) -> tuple[TrainJob, dict]:
         labeled_share=cfg.labeled_share,
         log_dir=str(work / "tensorboard"),
     )
-    augment = augment_for(config, cfg)
+    augment = augment_for(config, cfg, names)
     datasets = {LABELED: prepare(labeled, augment), PSEUDO: prepare(pseudo, augment)}
     return job, datasets
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.cli import format_table
+from raydd.evaluate import format_table
 from raydd.jobs import ap_line, build_config, parse_args, setup_logging
 from raydd.pipeline import SUMMARY_FILE, run_distillation
 from raydd.runtime import init_ray

@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from raydd.config import Config, ConfigError, load_config
+from raydd.jobs import MissingInput, require_input, run_step
 
 logger = logging.getLogger("raydd")
+
+# The subcommand of each step of raydd.jobs.STEPS (whose scripts are jobs/<step>.py)
+COMMANDS = {
+    "teacher": "train-teacher",
+    "pseudo_label": "pseudo-label",
+    "threshold": "tune-threshold",
+    "student": "train-student",
+    "evaluate": "evaluate",
+}
 
 
 def _with_config(
@@ -37,12 +47,6 @@ def _with_config(
     return parser
 
 
-def _require(path: Path, step: str) -> Path:
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist: run `raydd {step}` first")
-    return path
-
-
 def _demo_data(args: argparse.Namespace) -> None:
     from raydd.data.demo import DemoSizes, write_demo_dataset
 
@@ -60,58 +64,14 @@ def _demo_data(args: argparse.Namespace) -> None:
     )
 
 
-def _train_teacher(config: Config, args: argparse.Namespace) -> None:
-    from raydd.teacher import train_teacher
+def _step(step: str) -> Callable[[Config, argparse.Namespace], None]:
+    """The handler of a step subcommand: what ``jobs/<step>.py`` runs
+    (:func:`raydd.jobs.run_step`), printing its summary."""
 
-    print(f"teacher checkpoint: {train_teacher(config)}")
+    def handler(config: Config, args: argparse.Namespace) -> None:
+        print(run_step(config, step))
 
-
-def _pseudo_label(config: Config, args: argparse.Namespace) -> None:
-    from raydd.pseudo_label import pseudo_label
-    from raydd.teacher import TEACHER_DIR
-
-    teacher = _require(Path(config.output_dir) / TEACHER_DIR, "train-teacher")
-    result = pseudo_label(config, str(teacher))
-    print(
-        f"{result.images} images ({result.errors} unreadable) -> {result.candidates} "
-        f"in {result.seconds:.1f} s"
-    )
-
-
-def _tune_threshold(config: Config, args: argparse.Namespace) -> None:
-    from raydd.pipeline import choose_threshold
-    from raydd.pseudo_label import (
-        CANDIDATES_DIR,
-        VALIDATION_CANDIDATES_DIR,
-        read_candidates,
-    )
-    from raydd.threshold import PLOT_FILE, THRESHOLD_FILE
-
-    out = Path(config.output_dir)
-    candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
-    if config.data.validation is not None:
-        _require(out / VALIDATION_CANDIDATES_DIR, "pseudo-label")
-    result = choose_threshold(config, candidates)
-    print(
-        f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
-        f"instances per unlabeled image vs {result.labeled_instances_per_image:.3f} "
-        f"labeled ({result.trials} trials) -> {out / THRESHOLD_FILE}, {out / PLOT_FILE}"
-    )
-
-
-def _train_student(config: Config, args: argparse.Namespace) -> None:
-    from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
-    from raydd.student import train_student
-    from raydd.teacher import TEACHER_DIR
-    from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
-
-    out = Path(config.output_dir)
-    candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
-    _require(out / THRESHOLD_FILE, "tune-threshold")
-    teacher = _require(out / TEACHER_DIR, "train-teacher")
-    used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
-    path = train_student(config, candidates, used, teacher)
-    print(f"student checkpoint: {path}")
+    return handler
 
 
 def _export(config: Config, args: argparse.Namespace) -> None:
@@ -121,8 +81,8 @@ def _export(config: Config, args: argparse.Namespace) -> None:
     from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
 
     out = Path(config.output_dir)
-    candidates = read_candidates(_require(out / CANDIDATES_DIR, "pseudo-label"))
-    _require(out / THRESHOLD_FILE, "tune-threshold")
+    candidates = read_candidates(require_input(config, CANDIDATES_DIR, "pseudo_label"))
+    require_input(config, THRESHOLD_FILE, "threshold")
     used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
     labeled = load_coco(config.data.labeled.annotations)
     dataset = export_coco(
@@ -138,21 +98,8 @@ def _export(config: Config, args: argparse.Namespace) -> None:
     )
 
 
-def _evaluate(config: Config, args: argparse.Namespace) -> None:
-    from raydd.pipeline import evaluate_all
-    from raydd.student import STUDENT_DIR
-    from raydd.teacher import TEACHER_DIR
-
-    out = Path(config.output_dir)
-    metrics = evaluate_all(
-        config,
-        _require(out / TEACHER_DIR, "train-teacher"),
-        _require(out / STUDENT_DIR, "train-student"),
-    )
-    print(format_table(metrics))
-
-
 def _run(config: Config, args: argparse.Namespace) -> None:
+    from raydd.evaluate import format_table
     from raydd.pipeline import SUMMARY_FILE, run_distillation
     from raydd.report import write_report
 
@@ -180,22 +127,6 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report: {write_report(args.output_dir)}")
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    """A text table of AP/AP50/AP75 per model, plus the student's gain."""
-    rows = [("model", "AP", "AP50", "AP75")]
-    for name in ("teacher", "teacher_views", "student"):
-        rows.append(
-            (name, *(f"{metrics[name][m]:.4f}" for m in ("AP", "AP50", "AP75")))
-        )
-    gain = {
-        m: metrics["student"][m] - metrics["teacher"][m] for m in ("AP", "AP50", "AP75")
-    }
-    rows.append(
-        ("student - teacher", *(f"{gain[m]:+.4f}" for m in ("AP", "AP50", "AP75")))
-    )
-    return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydd", description="Data distillation for torchvision detectors on Ray."
@@ -218,26 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "train-teacher",
         "step 1: train the teacher on the labeled set",
-        _train_teacher,
+        _step("teacher"),
     )
     _with_config(
         sub,
         "pseudo-label",
         "step 2: run the teacher with every view on the "
         "unlabeled set and fuse (Ray Data)",
-        _pseudo_label,
+        _step("pseudo_label"),
     )
     _with_config(
         sub,
         "tune-threshold",
         "step 3: choose the score threshold (Ray Tune)",
-        _tune_threshold,
+        _step("threshold"),
     )
     _with_config(
         sub,
         "train-student",
         "step 4: train the student on labeled + pseudo-labeled data",
-        _train_student,
+        _step("student"),
     )
     _with_config(
         sub,
@@ -246,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         _export,
     )
     _with_config(
-        sub, "evaluate", "COCO AP of teacher, teacher with views and student", _evaluate
+        sub,
+        "evaluate",
+        "COCO AP of teacher, teacher with views and student",
+        _step("evaluate"),
     )
     _with_config(sub, "run", "all four steps and evaluation; writes summary.json", _run)
     report = sub.add_parser(
@@ -273,6 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         init_ray()
         args.handler(config, args)
+    except MissingInput as e:
+        command = f"raydd {COMMANDS[e.step]}"
+        print(
+            f"raydd: error: {e.path} does not exist: run `{command}` first",
+            file=sys.stderr,
+        )
+        return 2
     except ConfigError as e:
         print(f"raydd: error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,16 @@ from raydd.views import View
 METRICS = ("AP", "AP50", "AP75")
 
 
+def format_table(metrics: dict[str, Any]) -> str:
+    """A text table of AP/AP50/AP75 per model, plus the student's gain."""
+    rows = [("model", "AP", "AP50", "AP75")]
+    for name in ("teacher", "teacher_views", "student"):
+        rows.append((name, *(f"{metrics[name][m]:.4f}" for m in METRICS)))
+    gain = {m: metrics["student"][m] - metrics["teacher"][m] for m in METRICS}
+    rows.append(("student - teacher", *(f"{gain[m]:+.4f}" for m in METRICS)))
+    return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
+
+
 def result_dicts(
     dets: dict[str, np.ndarray], image_id: int, categories: Categories
 ) -> list[dict[str, Any]]:

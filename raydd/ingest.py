@@ -118,6 +118,8 @@ class Augment:
             )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch[schema.PATH]):
+            return batch
         rng = np.random.default_rng()
         rows = [
             self.row({k: v[i] for k, v in batch.items()}, rng)

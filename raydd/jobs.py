@@ -103,14 +103,26 @@ def setup_logging() -> None:
         log.addHandler(handler)
 
 
-def _input(config: Config, name: str, step: str) -> Path:
-    """``OUTPUT_DIR/name`` written by ``step``, fetched from storage if only there."""
+class MissingInput(ConfigError):
+    """An earlier step's output is missing: ``path``, which ``step`` writes."""
+
+    def __init__(self, path: Path, step: str) -> None:
+        super().__init__(f"{path} does not exist: run jobs/{step}.py first")
+        self.path, self.step = path, step
+
+
+def require_input(config: Config, name: str, step: str) -> Path:
+    """``OUTPUT_DIR/name`` written by ``step``, fetched from storage if only there.
+
+    Raises:
+        MissingInput: neither ``output_dir`` nor ``storage_uri`` holds it.
+    """
     from raydd.storage import download
 
+    path = Path(config.output_dir) / name
     if not download(config, name):
-        path = Path(config.output_dir) / name
-        raise ConfigError(f"{path} does not exist: run jobs/{step}.py first")
-    return Path(config.output_dir) / name
+        raise MissingInput(path, step)
+    return path
 
 
 def _teacher(config: Config) -> str:
@@ -123,14 +135,14 @@ def _pseudo_label(config: Config) -> str:
     from raydd.pseudo_label import pseudo_label
     from raydd.teacher import TEACHER_DIR
 
-    result = pseudo_label(config, str(_input(config, TEACHER_DIR, "teacher")))
+    result = pseudo_label(config, str(require_input(config, TEACHER_DIR, "teacher")))
     return f"{result.images} images ({result.errors} unreadable) -> {result.candidates}"
 
 
 def _candidates(config: Config) -> Any:
     from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
 
-    return read_candidates(_input(config, CANDIDATES_DIR, "pseudo_label"))
+    return read_candidates(require_input(config, CANDIDATES_DIR, "pseudo_label"))
 
 
 def _threshold(config: Config) -> str:
@@ -139,7 +151,7 @@ def _threshold(config: Config) -> str:
 
     candidates = _candidates(config)
     if config.data.validation is not None:
-        _input(config, VALIDATION_CANDIDATES_DIR, "pseudo_label")
+        require_input(config, VALIDATION_CANDIDATES_DIR, "pseudo_label")
     result = choose_threshold(config, candidates)
     return (
         f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
@@ -154,23 +166,24 @@ def _student(config: Config) -> str:
     from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
 
     candidates = _candidates(config)
-    _input(config, THRESHOLD_FILE, "threshold")
-    teacher = _input(config, TEACHER_DIR, "teacher")
+    require_input(config, THRESHOLD_FILE, "threshold")
+    teacher = require_input(config, TEACHER_DIR, "teacher")
     result = load_threshold(config.output_dir)
     used = thresholds_by_label(result, config.threshold.per_class)
     return f"checkpoint {train_student(config, candidates, used, teacher)}"
 
 
 def _evaluate(config: Config) -> str:
-    from raydd.cli import format_table
+    from raydd.evaluate import format_table
     from raydd.pipeline import evaluate_all
     from raydd.student import STUDENT_DIR
     from raydd.teacher import TEACHER_DIR
 
-    teacher = _input(config, TEACHER_DIR, "teacher")
-    metrics = evaluate_all(config, teacher, _input(config, STUDENT_DIR, "student"))
-    logger.info("COCO AP on the test split:\n%s", format_table(metrics))
-    return ap_line(metrics)
+    teacher = require_input(config, TEACHER_DIR, "teacher")
+    metrics = evaluate_all(
+        config, teacher, require_input(config, STUDENT_DIR, "student")
+    )
+    return f"{ap_line(metrics)}\n{format_table(metrics)}"
 
 
 RUNNERS: dict[str, Callable[[Config], str]] = {

@@ -62,10 +62,10 @@ def train_student(
 
     ``thresholds`` maps each label to the score its pseudo-labels must reach.
     """
-    categories, labeled = labeled_training_records(config)
+    categories, labeled, names = labeled_training_records(config)
     pseudo = pseudo_records(candidates, thresholds)
     cfg = config.student
-    augment = augment_for(config, cfg)
+    augment = augment_for(config, cfg, names)
     out = Path(config.output_dir)
     job = TrainJob(
         model=config.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from raydd import models
 from raydd.config import Config, TrainConfig, single_view, to_dict
@@ -22,12 +23,19 @@ TEACHER_DIR = "teacher"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def augment_for(config: Config, train: TrainConfig) -> Augment:
+class LabeledSet(NamedTuple):
+    """The labeled split as a training run reads it (its COCO JSON parsed once)."""
+
+    categories: Categories
+    records: list[Record]
+    keypoint_names: list[str]
+
+
+def augment_for(config: Config, train: TrainConfig, names: list[str]) -> Augment:
     """The Ray Data augmentation of a training run: the model's training scales,
-    ``train.hflip_prob``, the labeled categories' keypoint flip map, and the targets
-    the model needs."""
+    ``train.hflip_prob``, the flip map of the keypoint ``names``
+    (:attr:`LabeledSet.keypoint_names`), and the targets the model needs."""
     masks, keypoints = models.targets(config.model.name)
-    names = keypoint_names(load_coco(config.data.labeled.annotations))
     return Augment(
         min_sizes=config.model.min_size,
         max_size=config.model.max_size,
@@ -38,19 +46,21 @@ def augment_for(config: Config, train: TrainConfig) -> Augment:
     )
 
 
-def labeled_training_records(config: Config) -> tuple[Categories, list[Record]]:
-    """The labeled split's categories and records, with the targets the model needs."""
+def labeled_training_records(config: Config) -> LabeledSet:
+    """The labeled split's categories, records (with the targets the model needs)
+    and keypoint names."""
     coco = load_coco(config.data.labeled.annotations)
     categories = Categories.from_coco(coco)
     masks, keypoints = models.targets(config.model.name)
-    return categories, coco_records(
-        config.data.labeled, categories, masks=masks, keypoints=keypoints
+    records = coco_records(
+        config.data.labeled, categories, masks=masks, keypoints=keypoints, coco=coco
     )
+    return LabeledSet(categories, records, keypoint_names(coco))
 
 
 def train_teacher(config: Config) -> Path:
     """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``."""
-    categories, records = labeled_training_records(config)
+    categories, records, names = labeled_training_records(config)
     out = Path(config.output_dir)
     job = TrainJob(
         model=config.model,
@@ -62,5 +72,5 @@ def train_teacher(config: Config) -> Path:
         log_dir=str((out / TENSORBOARD_DIR / "teacher").resolve()),
         metadata={"role": "teacher", "init": "pretrained", "config": to_dict(config)},
     )
-    datasets = {LABELED: prepare(records, augment_for(config, config.teacher))}
+    datasets = {LABELED: prepare(records, augment_for(config, config.teacher, names))}
     return fit(job, datasets, "teacher", train_storage(config), out / TEACHER_DIR)

@@ -128,6 +128,15 @@ def test_step_without_its_input_says_which_step_to_run(
     assert "run `raydd train-teacher` first" in capsys.readouterr().err
 
 
+def test_every_job_step_has_a_subcommand():
+    from raydd.cli import COMMANDS
+    from raydd.jobs import STEPS
+
+    assert set(COMMANDS) == set(STEPS)
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert set(COMMANDS.values()) <= set(subcommands)
+
+
 def test_zero_detections_flow_through_every_step(
     ray_local, demo_dir, weights, tmp_path
 ):

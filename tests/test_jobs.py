@@ -173,11 +173,12 @@ def test_inputs_come_back_from_storage(config_file, tmp_path):
     raw = yaml.safe_load(config_file.read_text())
     config = parse_config(raw, [f"storage_uri=file://{store}"])
     assert (
-        jobs._input(config, "teacher", "teacher") == Path(config.output_dir) / "teacher"
+        jobs.require_input(config, "teacher", "teacher")
+        == Path(config.output_dir) / "teacher"
     )
     assert (Path(config.output_dir) / "teacher" / "model.pt").read_bytes() == b"w"
     with pytest.raises(ConfigError, match="run jobs/student.py first"):
-        jobs._input(config, "student", "student")
+        jobs.require_input(config, "student", "student")
 
 
 def test_ap_line_and_logging_setup():

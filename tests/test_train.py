@@ -15,7 +15,7 @@ from conftest import TINY_MODEL, tiny_config
 from torchvision.ops import FrozenBatchNorm2d
 
 from raydd import schema
-from raydd.config import ModelConfig, TrainConfig, parse_config
+from raydd.config import CocoSplit, ConfigError, ModelConfig, TrainConfig, parse_config
 from raydd.data.coco import (
     Categories,
     Record,
@@ -37,7 +37,8 @@ from raydd.ingest import (
 )
 from raydd.masks import decode_rle
 from raydd.models import build_model
-from raydd.train import lr_factor
+from raydd.teacher import augment_for, labeled_training_records
+from raydd.train import TrainJob, _build, fit, lr_factor, scaling_config
 
 ROW_BATCH = 3  # Ray Data batches of the id datasets: not a divisor of the step sizes
 
@@ -111,8 +112,6 @@ def test_lr_schedule_warms_up_and_steps_down():
 
 
 def _demo_records(demo_dir, masks=True, keypoints=True):
-    from raydd.config import CocoSplit
-
     split = CocoSplit(str(demo_dir / "labeled.json"), str(demo_dir / "labeled"))
     categories = Categories.from_coco(load_coco(split.annotations))
     return categories, coco_records(split, categories, masks, keypoints)
@@ -185,6 +184,12 @@ def test_multi_scale_resize_scales_every_target(demo_dir):
     assert sizes == {64, 96}
 
 
+def test_augment_passes_an_empty_batch_through():
+    empty = {schema.PATH: np.array([], dtype=str), schema.LABELS: np.array([])}
+    out = Augment((64,), 100)(empty)
+    assert len(out[schema.PATH]) == 0 and set(out) == set(empty)
+
+
 def test_masks_come_from_the_coco_segmentation(demo_dir):
     _, records = _demo_records(demo_dir)
     record = next(r for r in records if len(r.labels))
@@ -210,7 +215,6 @@ def test_models_train_from_demo_rows_with_finite_losses(
 ):
     """A few SGD steps on Ray Data rows, an image with zero boxes in each batch."""
     from raydd.models import targets
-    from raydd.train import TrainJob, _build
 
     masks, keypoints = targets(name)
     categories, records = _demo_records(demo_dir, masks, keypoints)
@@ -265,7 +269,6 @@ def test_models_train_from_demo_rows_with_finite_losses(
 
 def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     from raydd.checkpoint import save_detector
-    from raydd.train import TrainJob, _build
 
     config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
     categories = Categories((1, 2), ("a", "b"))
@@ -296,18 +299,13 @@ def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
 
 def _student_run(demo_dir, weights, out, overrides):
     """A student-like run: labeled + pseudo-labeled (the validation split) sets."""
-    from raydd.teacher import augment_for, labeled_training_records
-    from raydd.train import TrainJob
-
     config = parse_config(tiny_config(demo_dir, out, weights), overrides)
-    categories, labeled = labeled_training_records(config)
-    from raydd.config import CocoSplit
-
+    categories, labeled, names = labeled_training_records(config)
     pseudo = coco_records(
         CocoSplit(str(demo_dir / "validation.json"), str(demo_dir / "validation")),
         categories,
     )
-    augment = augment_for(config, config.student)
+    augment = augment_for(config, config.student, names)
     job = TrainJob(
         model=config.model,
         train=config.student,
@@ -331,7 +329,6 @@ def _checkpoint_kind(path: Path) -> tuple:
 def test_one_and_two_workers_give_the_same_kind_of_checkpoint(
     ray_local, demo_dir, weights, tmp_path
 ):
-    from raydd.train import fit
 
     kinds, metrics = [], []
     for workers in (1, 2):
@@ -372,7 +369,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
     """SIGKILL the training worker after its first checkpoint: Ray Train restarts
     it (FailureConfig), the loop restores model, optimizer and data position, and
     the run ends with its final metrics."""
-    from raydd.train import fit
 
     job, datasets = _student_run(
         demo_dir,
@@ -410,7 +406,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
 
 
 def test_scaling_is_fixed_or_elastic_from_the_config():
-    from raydd.train import scaling_config
 
     fixed = scaling_config(TrainConfig(num_workers=4, use_gpu=True))
     assert (fixed.num_workers, fixed.use_gpu) == (4, True)
@@ -433,8 +428,6 @@ def test_scaling_is_fixed_or_elastic_from_the_config():
 def test_bad_training_settings_are_rejected(
     demo_dir, weights, tmp_path, override, message
 ):
-    from raydd.config import ConfigError
-
     raw = tiny_config(demo_dir, tmp_path, weights)
     overrides = [override] + (
         ["student.num_workers=2"] if "max_workers" in override else []

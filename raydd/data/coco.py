@@ -148,13 +148,15 @@ def coco_records(
     categories: Categories,
     masks: bool = False,
     keypoints: bool = False,
+    coco: COCO | None = None,
 ) -> list[Record]:
     """Every image of a COCO split (images without annotations too), minus crowds.
 
     With ``masks``/``keypoints`` the records carry those targets too (every kept
-    annotation must then have ``segmentation``/``keypoints``).
+    annotation must then have ``segmentation``/``keypoints``). ``coco``: the split's
+    annotations already loaded (otherwise read from ``split.annotations``).
     """
-    coco = load_coco(split.annotations)
+    coco = coco or load_coco(split.annotations)
     num_keypoints = len(keypoint_names(coco)) if keypoints else 0
     records = []
     for image_id in sorted(coco.getImgIds()):
