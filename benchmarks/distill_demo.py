@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from raydd.config import load_config
-from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.data.demo import DemoSizes, data_overrides, write_demo_dataset
 from raydd.evaluate import format_table
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.pipeline import run_distillation
@@ -60,13 +60,7 @@ def main() -> None:
     )
     data = write_demo_dataset(work / "data", seed=0, sizes=sizes)
     overrides = [
-        f"data.labeled.annotations={data / 'labeled.json'}",
-        f"data.labeled.images={data / 'labeled'}",
-        f"data.unlabeled.images={data / 'unlabeled'}",
-        f"data.test.annotations={data / 'test.json'}",
-        f"data.test.images={data / 'test'}",
-        f"data.validation.annotations={data / 'validation.json'}",
-        f"data.validation.images={data / 'validation'}",
+        *data_overrides(data),
         f"output_dir={work / 'output'}",
         f"model.backbone_weights={offline_mobilenet_v2_weights()}",
     ]

@@ -45,7 +45,7 @@ import torch
 
 from raydd.config import Config, ViewConfig, load_config, single_view
 from raydd.data.coco import image_paths
-from raydd.data.demo import DemoSizes, write_demo_dataset
+from raydd.data.demo import DemoSizes, data_overrides, write_demo_dataset
 from raydd.evaluate import METRICS, evaluate_checkpoint
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.pipeline import choose_threshold
@@ -328,13 +328,7 @@ def main() -> None:
     sizes = SMOKE_SIZES if args.smoke else SIZES
     data = write_demo_dataset(work / "data", seed=0, sizes=sizes)
     overrides = [
-        f"data.labeled.annotations={data / 'labeled.json'}",
-        f"data.labeled.images={data / 'labeled'}",
-        f"data.unlabeled.images={data / 'unlabeled'}",
-        f"data.test.annotations={data / 'test.json'}",
-        f"data.test.images={data / 'test'}",
-        f"data.validation.annotations={data / 'validation.json'}",
-        f"data.validation.images={data / 'validation'}",
+        *data_overrides(data),
         f"output_dir={work / 'output'}",
         f"model.backbone_weights={offline_mobilenet_v2_weights()}",
     ]

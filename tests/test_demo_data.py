@@ -1,16 +1,21 @@
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from raydd.config import load_config
 from raydd.data.coco import keypoint_flip_permutation
 from raydd.data.demo import (
     KEYPOINT_NAMES,
     DemoSizes,
+    data_overrides,
     extreme_points,
     write_demo_dataset,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_boxes_and_masks_are_exact(demo_dir):
@@ -90,3 +95,11 @@ def test_left_and_right_swap_under_horizontal_flip(demo_dir):
         np.testing.assert_array_equal(new[:2, 1], mirrored[:2, 1])
         assert np.abs(new[:2, 0] - mirrored[:2, 0]).max() <= 1
         assert (new[3, 0], new[3, 1]) == (width - old[2, 0], old[2, 1])
+
+
+def test_data_overrides_point_the_demo_config_at_a_written_dataset(demo_dir):
+    config = load_config(ROOT / "configs/demo.yaml", data_overrides(demo_dir))
+    assert config.data.labeled.annotations == str(demo_dir / "labeled.json")
+    assert config.data.test.images == str(demo_dir / "test")
+    assert config.data.validation.images == str(demo_dir / "validation")
+    assert config.data.unlabeled.images == str(demo_dir / "unlabeled")

@@ -252,6 +252,26 @@ def write_demo_dataset(
     return out
 
 
+def data_section(data_dir: str | Path) -> dict[str, dict[str, str]]:
+    """A config's ``data`` section for the demo dataset written to ``data_dir``."""
+    data = Path(data_dir)
+    splits = {
+        split: {"annotations": str(data / f"{split}.json"), "images": str(data / split)}
+        for split in ("labeled", "test", "validation")
+    }
+    return {**splits, "unlabeled": {"images": str(data / "unlabeled")}}
+
+
+def data_overrides(data_dir: str | Path) -> list[str]:
+    """``data.<split>.<key>=<path>`` overrides pointing a config at the demo dataset
+    written to ``data_dir``."""
+    return [
+        f"data.{split}.{key}={path}"
+        for split, paths in data_section(data_dir).items()
+        for key, path in paths.items()
+    ]
+
+
 def smoke_config(
     data_dir: str | Path, output_dir: str | Path, backbone_weights: str
 ) -> dict[str, Any]:
@@ -261,7 +281,6 @@ def smoke_config(
     ``jobs/distill.py --smoke-test`` and the tests). The views include a flip only to
     exercise it: digits are not mirror-symmetric.
     """
-    data = Path(data_dir)
     train = {
         "iterations": 4,
         "batch_size": 2,
@@ -270,21 +289,7 @@ def smoke_config(
         "hflip_prob": 0.0,
     }
     return {
-        "data": {
-            "labeled": {
-                "annotations": str(data / "labeled.json"),
-                "images": str(data / "labeled"),
-            },
-            "unlabeled": {"images": str(data / "unlabeled")},
-            "test": {
-                "annotations": str(data / "test.json"),
-                "images": str(data / "test"),
-            },
-            "validation": {
-                "annotations": str(data / "validation.json"),
-                "images": str(data / "validation"),
-            },
-        },
+        "data": data_section(data_dir),
         "output_dir": str(output_dir),
         "model": {
             "backbone_weights": backbone_weights,
