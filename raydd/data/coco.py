@@ -156,7 +156,7 @@ def coco_records(
     annotation must then have ``segmentation``/``keypoints``). ``coco``: the split's
     annotations already loaded (otherwise read from ``split.annotations``).
     """
-    coco = coco or load_coco(split.annotations)
+    coco = load_coco(split.annotations) if coco is None else coco
     num_keypoints = len(keypoint_names(coco)) if keypoints else 0
     records = []
     for image_id in sorted(coco.getImgIds()):
