@@ -329,7 +329,6 @@ def _checkpoint_kind(path: Path) -> tuple:
 def test_one_and_two_workers_give_the_same_kind_of_checkpoint(
     ray_local, demo_dir, weights, tmp_path
 ):
-
     kinds, metrics = [], []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
@@ -406,7 +405,6 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
 
 
 def test_scaling_is_fixed_or_elastic_from_the_config():
-
     fixed = scaling_config(TrainConfig(num_workers=4, use_gpu=True))
     assert (fixed.num_workers, fixed.use_gpu) == (4, True)
     elastic = scaling_config(
