@@ -368,7 +368,7 @@ def _paper(r: dict, plots: Path = PLOTS, prefix: str = "paper") -> list[str]:
 
 def _paper_title(r: dict) -> str:
     steps = r["schedule"]["teacher"]["iterations"]
-    return f"The paper's findings on the demo data: {steps}-step schedules"
+    return f"{SECTIONS['paper'][0]}: {steps}-step schedules"
 
 
 SECTIONS = {
