@@ -19,10 +19,9 @@ from pathlib import Path
 
 from raydd.config import load_config
 from raydd.data.demo import DemoSizes, data_overrides, write_demo_dataset
-from raydd.evaluate import format_table
 from raydd.models import offline_mobilenet_v2_weights
-from raydd.pipeline import run_distillation
 from raydd.runtime import init_ray
+from raydd.steps import format_table, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -68,7 +67,7 @@ def main() -> None:
         ROOT / "configs/demo.yaml", overrides + (SMOKE if args.smoke else [])
     )
     init_ray()
-    summary = run_distillation(config)
+    summary = run_all(config)
     record = {
         "benchmark": "distill_demo",
         "smoke": args.smoke,

@@ -140,7 +140,7 @@ def student_ap(
 ) -> dict[str, Any]:
     """Trains one student and scores it (one view, like the teacher)."""
     tic = time.perf_counter()
-    checkpoint = train_student(config, candidates, thresholds, teacher)
+    checkpoint = train_student(config, candidates, thresholds, str(teacher))
     metrics = evaluate(config, checkpoint, single_view(config))
     pseudo = pseudo_records(candidates, thresholds)
     result = {

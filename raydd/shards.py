@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydd import storage
+
 logger = logging.getLogger(__name__)
 
 SHARD = "shard"
@@ -99,10 +101,17 @@ class ShardWriter:
     Args:
         directory: where ``part-*.parquet`` go.
         sizes: number of rows expected per shard.
+        copy_to: a second location (storage) each finished part is copied to.
     """
 
-    def __init__(self, directory: str | Path, sizes: dict[int, int]) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        sizes: dict[int, int],
+        copy_to: str | None = None,
+    ) -> None:
         self.directory = Path(directory)
+        self.copy_to = copy_to
         self.sizes = dict(sizes)
         self.pending: dict[int, list[pa.Table]] = defaultdict(list)
         self.counts: dict[int, int] = defaultdict(int)
@@ -126,6 +135,8 @@ class ShardWriter:
         tmp = self.directory / f".{final.name}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, final)  # atomic: a part file is complete or absent
+        if self.copy_to is not None:
+            storage.copy(str(final), storage.join(self.copy_to, final.name))
         self.written += 1
         self.rows += len(table)
         elapsed = time.perf_counter() - self.start

@@ -29,7 +29,6 @@ Nothing here decodes images except :func:`load_batch`, the Ray Data stage.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import json
 import logging
 import os
@@ -44,74 +43,11 @@ import pyarrow.parquet as pq
 from raydd import schema
 from raydd.config import ConfigError, UnlabeledSplit
 from raydd.data.images import decode_rows
+from raydd.storage import filesystem, read_bytes
 
 logger = logging.getLogger(__name__)
 
-ARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs")  # pyarrow's native filesystems
 _WILDCARD = re.compile(r"[*?\[]")
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds ``uri`` and the path of ``uri`` inside it.
-
-    Local paths and ``file://`` use pyarrow's ``LocalFileSystem`` (the path comes
-    back absolute); ``s3``/``gs``/``gcs``/``hdfs``/``viewfs`` pyarrow's own
-    filesystems (``FileSystem.from_uri``, configured by the usual environment
-    variables such as ``AWS_REGION``/``AWS_ENDPOINT_URL``); every other scheme the
-    fsspec implementation of that protocol, wrapped for pyarrow. A filesystem is
-    built once per process and scheme/bucket (S3 looks up a bucket's region on
-    creation), so a Ray worker does not rebuild it per image.
-
-    URIs are taken literally, like local paths: no percent-decoding, and ``?`` or
-    ``#`` are part of the name (listings build URIs by appending file names).
-
-    Example:
-        >>> fs, path = filesystem("file:///tmp/a.jpg")
-        >>> path
-        '/tmp/a.jpg'
-    """
-    if "://" not in uri:
-        return _local(), os.path.abspath(os.path.expanduser(uri))
-    scheme, _, rest = uri.partition("://")
-    scheme = scheme.lower()
-    host, _, key = rest.partition("/")
-    if scheme == "file":
-        return _local(), "/" + key
-    if scheme in ARROW_SCHEMES:
-        if scheme in ("hdfs", "viewfs"):
-            return _arrow(scheme, host), "/" + key
-        return _arrow(scheme, host), f"{host}/{key}"
-    fs, strip = _fsspec(scheme)
-    return fs, strip(uri)
-
-
-@functools.lru_cache(maxsize=1)
-def _local() -> pafs.FileSystem:
-    return pafs.LocalFileSystem()
-
-
-@functools.lru_cache(maxsize=64)
-def _arrow(scheme: str, host: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(f"{scheme}://{host}")[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _fsspec(protocol: str) -> tuple[pafs.FileSystem, Any]:
-    import fsspec  # late: only for protocols pyarrow has no filesystem of its own
-
-    spec = fsspec.filesystem(protocol)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(spec)), spec._strip_protocol
-
-
-def read_bytes(uri: str) -> bytes:
-    """The whole content of the file at ``uri`` (a local path or any URI).
-
-    Raises:
-        FileNotFoundError: no file there; other ``OSError`` s from the filesystem.
-    """
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 def list_images(split: UnlabeledSplit) -> list[str]:
@@ -136,6 +72,26 @@ def list_images(split: UnlabeledSplit) -> list[str]:
     else:
         uris = _folder_or_file(spec)
     return uris if split.limit is None else uris[: split.limit]
+
+
+def source_root(spec: str) -> str:
+    """What must exist for ``spec`` to name any image: the file or folder itself, or
+    the folder a glob starts listing in (nothing is listed here)."""
+    if not _WILDCARD.search(_path_part(spec)):
+        return spec
+    return _split_glob(spec)[0]
+
+
+def _split_glob(spec: str) -> tuple[str, list[str]]:
+    """``(base, pattern)``: the last folder without a wildcard and the levels below."""
+    head, sep, rest = spec.partition("://")
+    if not sep:
+        head, rest = "", os.path.abspath(os.path.expanduser(spec))
+    parts = rest.split("/")
+    first = next(i for i, p in enumerate(parts) if _WILDCARD.search(p))
+    if sep and first == 0:
+        raise ConfigError(f"a bucket or host name cannot be a glob: {spec}")
+    return f"{head}{sep}" + ("/".join(parts[:first]) or "/"), parts[first:]
 
 
 def _suffix(spec: str) -> str:
@@ -226,16 +182,7 @@ def _folder_or_file(spec: str) -> list[str]:
 def _glob(spec: str) -> list[str]:
     """Files matching ``spec``; listing starts below the last folder without a
     wildcard, and only recurses when the pattern has several levels or ``**``."""
-    head, sep, rest = spec.partition("://")
-    if not sep:
-        head, rest = "", os.path.abspath(os.path.expanduser(spec))
-    parts = rest.split("/")
-    first = next(i for i, p in enumerate(parts) if _WILDCARD.search(p))
-    if sep and first == 0:
-        raise ConfigError(f"a bucket or host name cannot be a glob: {spec}")
-    base = "/".join(parts[:first]) or "/"
-    base_uri = f"{head}{sep}{base}"
-    pattern = parts[first:]
+    base_uri, pattern = _split_glob(spec)
     fs, path = filesystem(base_uri)
     recursive = len(pattern) > 1 or "**" in pattern
     return _walk(fs, path, base_uri.rstrip("/"), recursive, pattern)

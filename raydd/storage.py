@@ -1,96 +1,163 @@
-"""Durable copies of a run's outputs under ``storage_uri`` (local path or URI).
+"""Every location is a URI: local paths, ``file://``, ``s3://``, ``gs://``, ``hdfs://``
+(pyarrow's own filesystems) or any other fsspec protocol (``memory://``, ...).
 
-``output_dir`` stays the local working directory every step reads and writes; when
-the config sets ``storage_uri``, Ray Train checkpoints go straight to
-``STORAGE_URI/ray_train`` (:func:`train_storage`) and each finished step's outputs
-are copied to the same relative path under ``STORAGE_URI`` (:func:`upload`), with
-``pyarrow.fs`` (S3, GCS, Azure, HDFS or local). A later job on a fresh head node gets
-them back with :func:`download`.
+On a cluster no two nodes share a disk, so whatever one process writes for another
+(checkpoints, shards, TensorBoard files) goes through a location every node reaches.
+This module is the one place that opens them; it imports nothing from raydd.
 
 Example:
-    >>> config = parse_config(raw, ["storage_uri=s3://bucket/runs/exp1"])
-    >>> train_storage(config)
-    's3://bucket/runs/exp1/ray_train'
-    >>> upload(config, Path(config.output_dir) / "teacher")
-    's3://bucket/runs/exp1/teacher'
+    >>> write_bytes("memory://run/a.txt", b"hi")  # doctest: +SKIP
+    >>> read_bytes(join("memory://run", "a.txt"))  # doctest: +SKIP
+    b'hi'
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import functools
 import os
-from pathlib import Path
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow.fs as pafs
 
-from raydd.config import Config
-
-logger = logging.getLogger(__name__)
-
-TRAIN_DIR = "ray_train"
+ARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs")  # pyarrow's native filesystems
 
 
-def train_storage(config: Config) -> str:
-    """Ray Train's ``storage_path``: ``STORAGE_URI/ray_train`` if set, else local."""
-    if config.storage_uri is None:
-        return str(Path(config.output_dir) / TRAIN_DIR)
-    return _join(config.storage_uri, TRAIN_DIR)
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds ``uri`` and the path of ``uri`` inside it.
 
+    Local paths and ``file://`` use pyarrow's ``LocalFileSystem`` (the path comes
+    back absolute); ``s3``/``gs``/``gcs``/``hdfs``/``viewfs`` pyarrow's own
+    filesystems (``FileSystem.from_uri``, configured by the usual environment
+    variables such as ``AWS_REGION``/``AWS_ENDPOINT_URL``); every other scheme the
+    fsspec implementation of that protocol, wrapped for pyarrow. A filesystem is
+    built once per process and scheme/bucket (S3 looks up a bucket's region on
+    creation), so a Ray worker does not rebuild it per image.
 
-def upload(config: Config, local_path: str | os.PathLike[str]) -> str | None:
-    """Copies a file or folder under ``output_dir`` to the same place under storage.
+    URIs are taken literally, like local paths: no percent-decoding, and ``?`` or
+    ``#`` are part of the name (listings build URIs by appending file names).
 
-    Returns:
-        The destination URI, or None when ``storage_uri`` is unset or the path does
-        not exist (a step that wrote nothing optional, e.g. no validation split).
+    Example:
+        >>> fs, path = filesystem("file:///tmp/a.jpg")
+        >>> path
+        '/tmp/a.jpg'
     """
-    if config.storage_uri is None or not Path(local_path).exists():
-        return None
-    relative = Path(local_path).resolve().relative_to(Path(config.output_dir).resolve())
-    fs, base = pafs.FileSystem.from_uri(config.storage_uri)
-    dest = _join(base, relative.as_posix())
-    if fs.type_name == "local":  # copy_files makes sub-folders, not the top one
-        fs.create_dir(dest if Path(local_path).is_dir() else _parent(dest))
-    pafs.copy_files(
-        str(Path(local_path).resolve()),
-        dest,
-        source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=fs,
-    )
-    uri = _join(config.storage_uri, relative.as_posix())
-    logger.info("copied %s -> %s", local_path, uri)
-    return uri
+    if "://" not in uri:
+        return _local(), os.path.abspath(os.path.expanduser(uri))
+    scheme, _, rest = uri.partition("://")
+    scheme = scheme.lower()
+    host, _, key = rest.partition("/")
+    if scheme == "file":
+        return _local(), "/" + key
+    if scheme in ARROW_SCHEMES:
+        if scheme in ("hdfs", "viewfs"):
+            return _arrow(scheme, host), "/" + key
+        return _arrow(scheme, host), f"{host}/{key}".rstrip("/")
+    fs, strip = _fsspec(scheme)
+    return fs, strip(uri)
 
 
-def download(config: Config, relative: str) -> bool:
-    """Fetches ``STORAGE_URI/relative`` into ``output_dir`` if it is missing there.
+@functools.lru_cache(maxsize=1)
+def _local() -> pafs.FileSystem:
+    return pafs.LocalFileSystem()
 
-    Returns:
-        True when ``OUTPUT_DIR/relative`` exists afterwards.
+
+@functools.lru_cache(maxsize=64)
+def _arrow(scheme: str, host: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{host}")[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _fsspec(protocol: str) -> tuple[pafs.FileSystem, Any]:
+    import fsspec  # late: only for protocols pyarrow has no filesystem of its own
+
+    spec = fsspec.filesystem(protocol)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(spec)), spec._strip_protocol
+
+
+def is_remote(location: str) -> bool:
+    """True for a URI other than ``file://`` (a place other nodes may reach)."""
+    return "://" in location and not location.lower().startswith("file://")
+
+
+def absolute(location: str | os.PathLike[str]) -> str:
+    """A URI as it is; a local path made absolute (Ray workers run elsewhere)."""
+    text = str(location)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for local paths and URIs alike (``os.path.join`` would
+    drop ``base`` at a part starting with ``/``)."""
+    out = str(base)
+    for part in parts:
+        out = f"{out.rstrip('/')}/{str(part).lstrip('/')}" if out else str(part)
+    return out
+
+
+def file_type(uri: str) -> pafs.FileType:
+    """``File``, ``Directory`` or ``NotFound`` (one HEAD-like request, no listing)."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole content of the file at ``uri``.
+
+    Raises:
+        FileNotFoundError: no file there; other ``OSError`` s from the filesystem.
     """
-    local = Path(config.output_dir) / relative
-    if local.exists() or config.storage_uri is None:
-        return local.exists()
-    fs, base = pafs.FileSystem.from_uri(config.storage_uri)
-    src = _join(base, relative)
-    kind = fs.get_file_info(src).type
-    if kind == pafs.FileType.NotFound:
-        return False
-    folder = local if kind == pafs.FileType.Directory else local.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(
-        src,
-        str(local),
-        source_filesystem=fs,
-        destination_filesystem=pafs.LocalFileSystem(),
-    )
-    logger.info("copied %s -> %s", _join(config.storage_uri, relative), local)
-    return True
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
-def _join(base: str, relative: str) -> str:
-    return f"{base.rstrip('/')}/{relative}" if base else relative
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
 
 
-def _parent(path: str) -> str:
-    return path.rstrip("/").rpartition("/")[0]
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes ``data`` to ``uri`` (folders are made as needed)."""
+    fs, path = filesystem(uri)
+    if fs.type_name == "local":  # object stores have no folders to make
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def copy(source: str, destination: str) -> None:
+    """Copies a file or a folder (recursively) between any two locations."""
+    src_fs, src = filesystem(source)
+    dst_fs, dst = filesystem(destination)
+    is_dir = src_fs.get_file_info(src).type == pafs.FileType.Directory
+    if dst_fs.type_name == "local":  # copy_files makes sub-folders, not the top one
+        dst_fs.create_dir(dst if is_dir else os.path.dirname(dst), recursive=True)
+    pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def identity(uri: str) -> dict[str, Any]:
+    """What tells one version of a file from another: location, size, mtime."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    return {"uri": uri, "size": info.size, "mtime_ns": info.mtime_ns}
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path holding the file or folder at ``uri`` for the ``with`` block:
+    the path itself when local, else a temporary copy removed afterwards."""
+    if not is_remote(uri):
+        yield filesystem(uri)[1]
+        return
+    folder = tempfile.mkdtemp(prefix="raydd-")
+    try:
+        path = os.path.join(folder, uri.rstrip("/").rsplit("/", 1)[-1])
+        copy(uri, path)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -16,12 +16,10 @@ from raydd import schema
 from raydd.config import Config, single_view, to_dict
 from raydd.data.coco import Record
 from raydd.ingest import LABELED, PSEUDO, prepare
-from raydd.storage import train_storage
-from raydd.teacher import TENSORBOARD_DIR, augment_for, labeled_training_records
+from raydd.layout import STUDENT_DIR, TEACHER_DIR, TENSORBOARD_DIR, TRAIN_DIR, Run
+from raydd.teacher import augment_for, labeled_training_records
 from raydd.threshold import above_thresholds
 from raydd.train import TrainJob, fit
-
-STUDENT_DIR = "student"
 
 
 def pseudo_records(
@@ -56,27 +54,31 @@ def train_student(
     config: Config,
     candidates: pd.DataFrame,
     thresholds: dict[int, float],
-    teacher_dir: str | Path,
+    teacher: str | None = None,
 ) -> Path:
     """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``.
 
-    ``thresholds`` maps each label to the score its pseudo-labels must reach.
+    ``thresholds`` maps each label to the score its pseudo-labels must reach. With
+    ``student.init: teacher`` the workers load the teacher from ``teacher`` (a
+    folder or URI; default: the run's own, in storage on a cluster).
     """
     categories, labeled, names = labeled_training_records(config)
     pseudo = pseudo_records(candidates, thresholds)
     cfg = config.student
     augment = augment_for(config, cfg, names)
-    out = Path(config.output_dir)
+    run = Run.of(config)
     job = TrainJob(
         model=config.model,
         train=cfg,
         categories=categories,
         labeled_share=cfg.labeled_share,
-        init_from=str(teacher_dir) if cfg.init == "teacher" else None,
+        init_from=(teacher or run.shared(TEACHER_DIR))
+        if cfg.init == "teacher"
+        else None,
         evaluation=config.data.test,
         evaluation_view=single_view(config)[0],
         max_detections=config.ensemble.max_detections,
-        log_dir=str((out / TENSORBOARD_DIR / "student").resolve()),
+        log_dir=run.shared(f"{TENSORBOARD_DIR}/student"),
         metadata={
             "role": "student",
             "init": cfg.init,
@@ -88,4 +90,4 @@ def train_student(
     datasets = {LABELED: prepare(labeled, augment)}
     if pseudo:
         datasets[PSEUDO] = prepare(pseudo, augment)
-    return fit(job, datasets, "student", train_storage(config), out / STUDENT_DIR)
+    return fit(job, datasets, "student", run.shared(TRAIN_DIR), run.local(STUDENT_DIR))

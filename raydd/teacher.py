@@ -16,11 +16,8 @@ from raydd.data.coco import (
     load_coco,
 )
 from raydd.ingest import LABELED, Augment, prepare
-from raydd.storage import train_storage
+from raydd.layout import TEACHER_DIR, TENSORBOARD_DIR, TRAIN_DIR, Run
 from raydd.train import TrainJob, fit
-
-TEACHER_DIR = "teacher"
-TENSORBOARD_DIR = "tensorboard"
 
 
 class LabeledSet(NamedTuple):
@@ -61,7 +58,7 @@ def labeled_training_records(config: Config) -> LabeledSet:
 def train_teacher(config: Config) -> Path:
     """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``."""
     categories, records, names = labeled_training_records(config)
-    out = Path(config.output_dir)
+    run = Run.of(config)
     job = TrainJob(
         model=config.model,
         train=config.teacher,
@@ -69,8 +66,8 @@ def train_teacher(config: Config) -> Path:
         evaluation=config.data.test,
         evaluation_view=single_view(config)[0],
         max_detections=config.ensemble.max_detections,
-        log_dir=str((out / TENSORBOARD_DIR / "teacher").resolve()),
+        log_dir=run.shared(f"{TENSORBOARD_DIR}/teacher"),
         metadata={"role": "teacher", "init": "pretrained", "config": to_dict(config)},
     )
     datasets = {LABELED: prepare(records, augment_for(config, config.teacher, names))}
-    return fit(job, datasets, "teacher", train_storage(config), out / TEACHER_DIR)
+    return fit(job, datasets, "teacher", run.shared(TRAIN_DIR), run.local(TEACHER_DIR))

@@ -29,16 +29,14 @@ import numpy as np
 import pandas as pd
 from ray import tune
 
-from raydd import schema
+from raydd import schema, storage
 from raydd.config import ThresholdConfig
+from raydd.layout import THRESHOLD_FILE
 
 if TYPE_CHECKING:  # trials import this module: keep torch out of their start-up
     from raydd.data.coco import Record
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD_FILE = "thresholds.json"
-PLOT_FILE = "thresholds.png"
 
 
 @dataclass(frozen=True)
@@ -235,7 +233,7 @@ def run_search(
         param_space=space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name="threshold", storage_path=str(Path(storage_path).resolve()), verbose=0
+            name="threshold", storage_path=storage.absolute(storage_path), verbose=0
         ),
     )
     return tuner.fit().get_dataframe()

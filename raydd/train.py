@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -33,12 +34,14 @@ import ray.train.torch
 import torch
 from tensorboardX import SummaryWriter
 
-from raydd.checkpoint import MODEL_FILE, save_detector
+from raydd import storage
+from raydd.checkpoint import load_state_dict, save_detector
 from raydd.config import CocoSplit, ModelConfig, TrainConfig, ViewConfig
 from raydd.data.coco import Categories
 from raydd.evaluate import evaluate_model
 from raydd.ingest import LABELED, PSEUDO, RowStream, next_batch, split_batch, to_device
 from raydd.models import build_model
+from raydd.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,8 @@ class TrainJob:
         evaluation: the split rank 0 scores (COCO AP) every ``eval_every`` steps,
             through ``evaluation_view`` with up to ``max_detections`` per image (as
             the pipeline's final evaluation does).
-        log_dir: where rank 0 writes TensorBoard event files (``None``: none).
+        log_dir: where rank 0 writes TensorBoard event files, a local folder or a
+            URI (``None``: none).
         metadata: saved in every checkpoint's ``metadata.json``.
     """
 
@@ -108,7 +112,7 @@ def _restore(
         return 0, {}
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, weights_only=True)
-        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, weights_only=True))
+        model.load_state_dict(load_state_dict(d))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -172,9 +176,8 @@ def _build(job: TrainJob) -> torch.nn.Module:
     transform skips resizing in training (it still normalises, and resizes in eval).
     """
     model = build_model(job.model, job.categories.num_classes, pretrained=True)
-    if job.init_from is not None:
-        state = torch.load(Path(job.init_from) / MODEL_FILE, weights_only=True)
-        model.load_state_dict(state)
+    if job.init_from is not None:  # a folder or URI (storage, on a cluster)
+        model.load_state_dict(load_state_dict(job.init_from))
     model.transform._skip_resize = True
     return model
 
@@ -233,6 +236,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function (``train_loop_config={"job": TrainJob}``)."""
     job: TrainJob = loop_config["job"]
     cfg = job.train
+    setup_logging()  # progress and resume lines reach the job's log
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
@@ -249,7 +253,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     sizes = {name: s.batch_size for name, s in streams.items()}
     ddp_model = ray.train.torch.prepare_model(model)
     ddp_model.train()
-    writer = SummaryWriter(job.log_dir) if rank == 0 and job.log_dir else None
+    board = _TensorBoard(job.log_dir) if rank == 0 and job.log_dir else None
+    writer = board and board.writer
     meter = _Meter()
     for step in range(start + 1, cfg.iterations + 1):
         tic = time.perf_counter()
@@ -274,8 +279,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 job.max_detections,
             )
             metrics |= {f"test_{k}": v for k, v in ap.items()}
-        if writer is not None:
-            _write_interval(writer, step, metrics)
+        if board is not None:
+            _write_interval(board.writer, step, metrics)
+            board.flush()
         logger.info("step %d/%d %s", step, cfg.iterations, _brief(metrics))
         checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.iterations
         _report(job, model, state, step, metrics, checkpoint)
@@ -284,8 +290,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         _report(job, model, state, start, {"step": start}, checkpoint=True)
     for stream in streams.values():
         stream.close()
-    if writer is not None:
-        writer.close()
+    if board is not None:
+        board.close()
+
+
+class _TensorBoard:
+    """Rank 0's event files at ``location``. A URI (storage, on a cluster) is
+    written in a local temporary folder and copied there at every flush, so the
+    files reach storage from whichever node rank 0 runs on."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        remote = storage.is_remote(location)
+        self.folder = tempfile.mkdtemp(prefix="raydd-tb-") if remote else location
+        self.writer = SummaryWriter(storage.filesystem(self.folder)[1])
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.folder != self.location:
+            storage.copy(self.folder, self.location)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.flush()
+        if self.folder != self.location:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _step(
@@ -339,7 +368,6 @@ def _write_interval(
     for name, value in metrics.items():
         if name.startswith("test_"):
             writer.add_scalar(f"test/{name[5:]}", value, step)
-    writer.flush()
 
 
 def _brief(metrics: dict[str, float]) -> str:
@@ -403,7 +431,7 @@ def fit(
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=_absolute(storage_path),
+            storage_path=storage.absolute(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -416,8 +444,3 @@ def fit(
     (export_to / TRAIN_STATE_FILE).unlink(missing_ok=True)
     (export_to / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return export_to
-
-
-def _absolute(path: str | Path) -> str:
-    text = str(path)
-    return text if "://" in text else str(Path(text).resolve())

@@ -35,7 +35,7 @@ def test_loads_and_overrides(tmp_path, demo_dir, weights):
         ),
         (
             lambda r: r["data"]["unlabeled"].update(images="/nope/*.png"),
-            "data.unlabeled.images matches no files",
+            "data.unlabeled.images: nothing at /nope",
         ),
         (lambda r: r["model"].update(name="yolo"), "model.name: unknown model 'yolo'"),
         (

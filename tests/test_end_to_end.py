@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from raydd.checkpoint import read_metadata
 from raydd.cli import COMMANDS, build_parser, main
-from raydd.jobs import STEPS
+from raydd.layout import STEPS
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ ports and a private temp dir, submits ``jobs/distill.py --smoke-test`` with the 
 stop``, which would kill every Ray process on the machine).
 """
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -24,8 +25,9 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from raydd import jobs
-from raydd.config import ConfigError, parse_config
+from raydd import jobs, steps
+from raydd.config import parse_config
+from raydd.layout import STEP_OUTPUTS, STEPS, Run
 
 ROOT = Path(__file__).parents[1]
 JOB_SCRIPTS = ["distill", "teacher", "pseudo_label", "threshold", "student", "evaluate"]
@@ -81,7 +83,7 @@ def test_build_config_applies_overrides_and_output_dir(config_file, tmp_path):
             "teacher.lr=0.5",
         ],
     )
-    config = jobs.build_config(args)
+    config = jobs.build_config(args, ["teacher"])
     assert config.output_dir == str(tmp_path / "o2")
     assert config.teacher.lr == 0.5
 
@@ -89,7 +91,7 @@ def test_build_config_applies_overrides_and_output_dir(config_file, tmp_path):
 def test_a_bad_config_exits_2_with_one_message(config_file, capsys):
     args = jobs.parse_args(None, ["--config", str(config_file), "views=[]"])
     with pytest.raises(SystemExit) as exit_info:
-        jobs.build_config(args)
+        jobs.build_config(args, ["teacher"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: views must list at least one view" in err
@@ -109,23 +111,22 @@ def test_smoke_config_writes_tiny_demo_data(tmp_path):
 
 @pytest.fixture
 def fake_steps(monkeypatch):
-    """Every step replaced by one that writes its first output and records itself."""
-    from raydd.pipeline import STEP_OUTPUTS
-
+    """Every step replaced by one that writes its outputs and records itself."""
     ran = []
 
     def fake(step):
         def run(config):
             ran.append(step)
-            for name in STEP_OUTPUTS[step][:1]:
+            for name in STEP_OUTPUTS[step]:
                 (Path(config.output_dir) / name).mkdir(parents=True, exist_ok=True)
                 (Path(config.output_dir) / name / "x").write_text(step)
             return f"{step} detail"
 
         return run
 
-    for step in jobs.STEPS:
-        monkeypatch.setitem(jobs.RUNNERS, step, fake(step))
+    for step in STEPS:
+        faked = dataclasses.replace(steps.REGISTRY[step], run=fake(step))
+        monkeypatch.setitem(steps.REGISTRY, step, faked)
     return ran
 
 
@@ -134,17 +135,22 @@ def test_run_step_times_logs_and_uploads(config_file, tmp_path, fake_steps, capl
     config = jobs.build_config(
         jobs.parse_args(
             None, ["--config", str(config_file), f"storage_uri=file://{store}"]
-        )
+        ),
+        ["teacher"],
     )
     with caplog.at_level(logging.INFO, logger="raydd"):
-        line = jobs.run_step(config, "teacher")
+        line = steps.run_step(config, "teacher")
     assert line.startswith("teacher done in ") and line.endswith(" s: teacher detail")
     assert "[teacher] done in" in caplog.text
     assert (store / "teacher" / "x").read_text() == "teacher"
+    # the config and the step's time travel with the outputs
+    assert json.loads((store / "steps.json").read_text()).keys() == {"teacher"}
+    assert yaml.safe_load((store / "config.yaml").read_text())["storage_uri"]
 
 
 def test_a_smoke_test_runs_only_the_missing_earlier_steps(config_file, fake_steps):
-    config = jobs.build_config(jobs.parse_args(None, ["--config", str(config_file)]))
+    args = jobs.parse_args(None, ["--config", str(config_file)])
+    config = jobs.build_config(args, ["teacher"])
     (Path(config.output_dir) / "teacher").mkdir(parents=True)
     args = jobs.parse_args(None, ["--smoke-test"])
     lines = jobs.run_job(args, config, "student")
@@ -156,14 +162,16 @@ def test_a_smoke_test_runs_only_the_missing_earlier_steps(config_file, fake_step
 
 
 def test_a_step_without_its_inputs_exits_2_naming_the_job(config_file, capsys):
-    config = jobs.build_config(jobs.parse_args(None, ["--config", str(config_file)]))
     args = jobs.parse_args(None, ["--config", str(config_file)])
-    with pytest.raises(SystemExit) as exit_info:
-        jobs.run_job(args, config, "pseudo_label")
-    assert exit_info.value.code == 2
-    assert (
-        "teacher does not exist: run jobs/teacher.py first" in capsys.readouterr().err
-    )
+    config = jobs.build_config(args, ["teacher"])
+    for run in (lambda: jobs.run_job(args, config, "pseudo_label"),
+                lambda: jobs.build_config(args, ["pseudo_label"])):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2
+        assert "teacher does not exist: run jobs/teacher.py first" in (
+            capsys.readouterr().err
+        )
 
 
 def test_inputs_come_back_from_storage(config_file, tmp_path):
@@ -172,13 +180,11 @@ def test_inputs_come_back_from_storage(config_file, tmp_path):
     (store / "teacher" / "model.pt").write_bytes(b"w")
     raw = yaml.safe_load(config_file.read_text())
     config = parse_config(raw, [f"storage_uri=file://{store}"])
-    assert (
-        jobs.require_input(config, "teacher", "teacher")
-        == Path(config.output_dir) / "teacher"
-    )
+    steps.check(config, ["pseudo_label"])  # fetches the teacher
     assert (Path(config.output_dir) / "teacher" / "model.pt").read_bytes() == b"w"
-    with pytest.raises(ConfigError, match="run jobs/student.py first"):
-        jobs.require_input(config, "student", "student")
+    assert Run.of(config).shared("teacher") == f"file://{store}/teacher"
+    with pytest.raises(steps.MissingInput, match="run jobs/pseudo_label.py first"):
+        steps.check(config, ["student"])
 
 
 def test_ap_line_and_logging_setup():
@@ -187,7 +193,7 @@ def test_ap_line_and_logging_setup():
         "teacher_views": {"AP": 0.3},
         "student": {"AP": 0.35},
     }
-    assert jobs.ap_line(metrics) == (
+    assert steps.ap_line(metrics) == (
         "AP teacher 0.2500, teacher_views 0.3000, student 0.3500 (+0.1000)"
     )
     jobs.setup_logging()

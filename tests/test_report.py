@@ -194,18 +194,28 @@ def test_cli_report_prints_the_path(run_dir, capsys):
     assert f"report: {run_dir / 'report.html'}" in capsys.readouterr().out
 
 
-def test_run_writes_the_report_at_the_end(run_dir, monkeypatch, capsys):
+def test_the_evaluate_step_writes_summary_and_report(run_dir, tmp_path, monkeypatch):
+    """A run made step by step ends like ``raydd run``: the evaluate step writes
+    summary.json (from the earlier steps' outputs) and report.html."""
     import raydd.pipeline
-    from raydd.cli import _run
     from raydd.config import load_config
+    from raydd.layout import MODELS
+    from raydd.steps import run_step
 
-    (run_dir / "report.html").unlink(missing_ok=True)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary |= {"instances_per_image": {"labeled": 3.0, "pseudo": 2.0}}
-    monkeypatch.setattr(raydd.pipeline, "run_distillation", lambda config: summary)
-    _run(load_config(run_dir / "config.yaml"), None)
-    assert f"report: {run_dir / 'report.html'}" in capsys.readouterr().out
-    assert (run_dir / "report.html").stat().st_size > 10_000
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / "report.html").unlink(missing_ok=True)
+    (out / "steps.json").write_text(json.dumps({"teacher": 20.0}))
+    old = json.loads((out / "summary.json").read_text())
+    metrics = {name: old[name] for name in MODELS}
+    monkeypatch.setattr(raydd.pipeline, "evaluate_all", lambda config: metrics)
+    config = load_config(out / "config.yaml", [f"output_dir={out}"])
+    assert "student 0.3500 (+0.1000)" in run_step(config, "evaluate")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == old["images"]  # 10 readable + 1 missing image
+    assert summary["threshold"] == THRESHOLD
+    assert summary["seconds"]["teacher"] == 20.0 and "evaluate" in summary["seconds"]
+    assert (out / "report.html").stat().st_size > 10_000
 
 
 def _chromium() -> str | None:

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from raydd.config import ConfigError, UnlabeledSplit
-from raydd.sources import filesystem, list_images, load_batch, read_bytes
+from raydd.sources import list_images, load_batch
+from raydd.storage import filesystem, read_bytes
 
 
 def png(width: int, height: int, color=(200, 10, 10)) -> bytes:

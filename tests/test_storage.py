@@ -1,12 +1,25 @@
-"""storage_uri: validation, Ray Train's storage path, uploads and downloads."""
+"""Locations as URIs (raydd.storage) and the run layout (raydd.layout): validation,
+Ray Train's storage path, uploads, downloads, and config paths in a store."""
 
 import pyarrow.fs as pafs
 import pytest
 from conftest import tiny_config
 
+from raydd import storage
 from raydd.config import ConfigError, parse_config, to_dict
-from raydd.pipeline import STEP_OUTPUTS, save_step
-from raydd.storage import download, train_storage, upload
+from raydd.layout import STEP_OUTPUTS, STEPS, TRAIN_DIR, Run
+
+
+def train_storage(config):
+    return Run.of(config).shared(TRAIN_DIR)
+
+
+def upload(config, path):
+    return Run.of(config).upload(path.name)
+
+
+def download(config, name):
+    return Run.of(config).fetch(name)
 
 
 @pytest.fixture
@@ -83,13 +96,68 @@ def test_save_step_uploads_what_the_step_wrote(raw, tmp_path):
     (out / "candidates").mkdir(parents=True)
     (out / "candidates" / "part-00000.parquet").write_bytes(b"PAR1")
     (out / "errors.csv").write_text("uri,reason\n")
-    save_step(config, "pseudo_label")  # no validation_candidates: skipped
+    Run.of(config).save_step("pseudo_label")  # no validation_candidates: skipped
     assert sorted(p.name for p in store.iterdir()) == ["candidates", "errors.csv"]
     assert (store / "candidates" / "part-00000.parquet").read_bytes() == b"PAR1"
-    assert set(STEP_OUTPUTS) == {
-        "teacher",
-        "pseudo_label",
-        "threshold",
-        "student",
-        "evaluate",
-    }
+    assert tuple(STEP_OUTPUTS) == STEPS
+
+
+def test_worker_outputs_come_back_from_storage(raw, tmp_path):
+    """TensorBoard files a Train worker on another node wrote to storage reach the
+    head's output_dir when the step ends (and are not overwritten by stale ones)."""
+    store = tmp_path / "store"
+    config = parse_config(raw, [f"storage_uri=file://{store}"])
+    (store / "tensorboard" / "teacher").mkdir(parents=True)
+    (store / "tensorboard" / "teacher" / "events.out").write_text("new")
+    (store / "teacher").mkdir()
+    (store / "teacher" / "model.pt").write_text("stored")
+    out = tmp_path / "out"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / "model.pt").write_text("local")
+    Run.of(config).save_step("teacher")
+    assert (out / "tensorboard" / "teacher" / "events.out").read_text() == "new"
+    assert (store / "teacher" / "model.pt").read_text() == "local"
+
+
+def test_uris_join_read_and_write_across_filesystems(tmp_path):
+    assert storage.join("s3://b/run/", "teacher", "/model.pt") == (
+        "s3://b/run/teacher/model.pt"
+    )
+    assert storage.join("/data", "x.png") == "/data/x.png"
+    assert storage.is_remote("s3://b/x") and storage.is_remote("memory://x")
+    assert not storage.is_remote("file:///x") and not storage.is_remote("/x")
+    uri = f"memory://raydd-test-{tmp_path.name}/a/b.bin"
+    storage.write_bytes(uri, b"\x00\x01")
+    assert storage.read_bytes(uri) == b"\x00\x01"
+    assert storage.file_type(uri) == pafs.FileType.File
+    assert storage.identity(uri)["size"] == 2
+    storage.copy(uri, str(tmp_path / "copy" / "b.bin"))
+    assert (tmp_path / "copy" / "b.bin").read_bytes() == b"\x00\x01"
+    with storage.local_copy(uri) as path:
+        assert open(path, "rb").read() == b"\x00\x01"
+    with pytest.raises(FileNotFoundError):
+        storage.identity(uri + ".missing")
+
+
+def test_config_splits_and_weights_may_live_in_a_store(raw, demo_dir, weights):
+    """Validation opens one object per location (no listing) wherever it lives."""
+    bucket = f"memory://raydd-test-{demo_dir.name}-cfg"
+    storage.copy(str(demo_dir), f"{bucket}/data")
+    storage.copy(weights, f"{bucket}/w.pth")
+    from raydd.data.demo import data_overrides
+
+    overrides = [
+        *data_overrides(f"{bucket}/data"),
+        f"model.backbone_weights={bucket}/w.pth",
+    ]
+    config = parse_config(raw, overrides)
+    assert config.data.labeled.annotations == f"{bucket}/data/labeled.json"
+    assert config.model.backbone_weights == f"{bucket}/w.pth"
+    for key, value, message in (
+        ("data.test.annotations", f"{bucket}/data/nope.json", "no such file"),
+        ("data.test.images", f"{bucket}/data/nope", "no such directory"),
+        ("data.unlabeled.images", f"{bucket}/none/*.png", "nothing at"),
+        ("model.backbone_weights", f"{bucket}/nope.pth", "no such file"),
+    ):
+        with pytest.raises(ConfigError, match=f"{key}: {message}"):
+            parse_config(raw, [*overrides, f"{key}={value}"])

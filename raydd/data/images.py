@@ -34,7 +34,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 
-from raydd import schema
+from raydd import schema, storage
 
 logger = logging.getLogger(__name__)
 
@@ -155,10 +155,10 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return F.to_dtype(chw, torch.float32, scale=True)
 
 
-def load_rgb(path: str) -> np.ndarray:
-    """Reads a local image file as ``uint8 [H, W, 3]`` RGB (see :func:`decode`)."""
-    with open(path, "rb") as f:
-        return decode(f.read())[0]
+def load_rgb(uri: str) -> np.ndarray:
+    """Reads an image file (local path or URI) as ``uint8 [H, W, 3]`` RGB (see
+    :func:`decode`)."""
+    return decode(storage.read_bytes(uri))[0]
 
 
 def decode_rows(
