@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from raydd.storage import absolute as _absolute
+from raydd.storage import split_glob
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,9 @@ class TrainConfig:
         max_failures: worker failures survived by restarting from the last
             checkpoint (Ray Train's ``FailureConfig``).
         prefetch_batches: batches Ray Data prepares ahead of the step.
+        seed: the run's randomness: each epoch's order of each training set, every
+            image's scale and flip (:class:`raydd.ingest.Shuffle`) and torch's
+            generator (``seed + rank``); the same seed repeats the minibatches.
     """
 
     iterations: int = 1000
@@ -555,9 +559,10 @@ def _require_file(key: str, path: str) -> None:
 def _require_source(key: str, spec: str) -> None:
     """A folder, file, or the folder a glob starts in, exists (nothing is listed:
     a crawl may hold 10^9 objects; an empty match fails when step 2 lists it)."""
-    from raydd.sources import source_root  # late: keeps `import raydd.config` light
-
-    base = source_root(spec)
+    try:
+        base = (split_glob(spec) or (spec, []))[0]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from e
     if _file_type(key, base).name == "NotFound":
         raise ConfigError(f"{key}: nothing at {base}")
 

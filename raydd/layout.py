@@ -71,9 +71,10 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# written by Ray Train's rank 0 straight to Run.shared(name), wherever it runs
-WORKER_OUTPUTS = frozenset(
-    f"{TENSORBOARD_DIR}/{role}" for role in ("teacher", "student")
+# written straight to Run.shared(name) (by Ray Train's rank 0 wherever it runs, and
+# by Ray Tune), so the local copy is refreshed from storage, never uploaded
+WRITTEN_TO_STORAGE = frozenset(
+    (TUNE_DIR, *(f"{TENSORBOARD_DIR}/{role}" for role in ("teacher", "student")))
 )
 
 
@@ -143,10 +144,11 @@ class Run:
         storage.copy(stored, str(self.local(name)))
 
     def save_step(self, step: str) -> None:
-        """After ``step``: its local outputs go to storage, and what remote workers
-        wrote straight to storage comes back into ``output_dir``."""
+        """After ``step``: its local outputs go to storage, and what was written
+        straight to storage (:data:`WRITTEN_TO_STORAGE`) comes back into
+        ``output_dir``."""
         for name in STEP_OUTPUTS[step]:
-            if name in WORKER_OUTPUTS:
+            if name in WRITTEN_TO_STORAGE:
                 self.mirror(name)
             else:
                 self.upload(name)

@@ -447,7 +447,8 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     """Runs the teacher with every view on the unlabeled set; writes Parquet candidates.
 
     Writes ``OUTPUT_DIR/candidates/part-*.parquet`` (resuming an interrupted run with
-    the same settings) and ``errors.csv`` (``uri``, ``reason``) of the inputs that
+    the same settings, from ``storage_uri`` too: each part is copied there as soon as
+    it is written) and ``errors.csv`` (``uri``, ``reason``) of the inputs that
     could not be read or decoded. With a validation split, its images are labeled the
     same way into ``OUTPUT_DIR/validation_candidates`` (by shard 0's job only).
     """
@@ -457,6 +458,7 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
     uris = unlabeled_files(split)
     if not uris:
         raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
+    run.fetch(CANDIDATES_DIR)  # a new head node resumes from the stored shards
     result = label_images(
         uris,
         teacher_checkpoint,

@@ -17,7 +17,7 @@ def setup_logging() -> None:
     process's output: the job's log, or a Ray worker's log streamed to the driver."""
     log = logging.getLogger("raydd")
     log.setLevel(logging.INFO)
-    if not log.handlers:
+    if not log.handlers and not logging.getLogger().handlers:  # Ray's workers have one
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
         log.addHandler(handler)

@@ -32,7 +32,6 @@ import fnmatch
 import json
 import logging
 import os
-import re
 from typing import Any
 
 import pyarrow as pa
@@ -43,11 +42,9 @@ import pyarrow.parquet as pq
 from raydd import schema
 from raydd.config import ConfigError, UnlabeledSplit
 from raydd.data.images import decode_rows
-from raydd.storage import filesystem, read_bytes
+from raydd.storage import filesystem, key_part, read_bytes, split_glob
 
 logger = logging.getLogger(__name__)
-
-_WILDCARD = re.compile(r"[*?\[]")
 
 
 def list_images(split: UnlabeledSplit) -> list[str]:
@@ -67,42 +64,22 @@ def list_images(split: UnlabeledSplit) -> list[str]:
         names = _read_list(spec, kind, split.column)
         root = split.root or _parent(spec)
         uris = [_resolve(name, root) for name in names]
-    elif _WILDCARD.search(_path_part(spec)):
-        uris = _glob(spec)
+    elif (glob := _split_glob(spec)) is not None:
+        uris = _glob(*glob)
     else:
         uris = _folder_or_file(spec)
     return uris if split.limit is None else uris[: split.limit]
 
 
-def source_root(spec: str) -> str:
-    """What must exist for ``spec`` to name any image: the file or folder itself, or
-    the folder a glob starts listing in (nothing is listed here)."""
-    if not _WILDCARD.search(_path_part(spec)):
-        return spec
-    return _split_glob(spec)[0]
-
-
-def _split_glob(spec: str) -> tuple[str, list[str]]:
-    """``(base, pattern)``: the last folder without a wildcard and the levels below."""
-    head, sep, rest = spec.partition("://")
-    if not sep:
-        head, rest = "", os.path.abspath(os.path.expanduser(spec))
-    parts = rest.split("/")
-    first = next(i for i, p in enumerate(parts) if _WILDCARD.search(p))
-    if sep and first == 0:
-        raise ConfigError(f"a bucket or host name cannot be a glob: {spec}")
-    return f"{head}{sep}" + ("/".join(parts[:first]) or "/"), parts[first:]
+def _split_glob(spec: str) -> tuple[str, list[str]] | None:
+    try:
+        return split_glob(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _suffix(spec: str) -> str:
-    return os.path.splitext(_path_part(spec))[1].lower()
-
-
-def _path_part(spec: str) -> str:
-    """``spec`` without scheme and bucket (so a bucket's name is never a glob)."""
-    if "://" not in spec:
-        return spec
-    return spec.partition("://")[2].partition("/")[2]
+    return os.path.splitext(key_part(spec))[1].lower()
 
 
 def _parent(spec: str) -> str:
@@ -179,10 +156,10 @@ def _folder_or_file(spec: str) -> list[str]:
     return _walk(fs, path, base, recursive=True, pattern=None)
 
 
-def _glob(spec: str) -> list[str]:
-    """Files matching ``spec``; listing starts below the last folder without a
-    wildcard, and only recurses when the pattern has several levels or ``**``."""
-    base_uri, pattern = _split_glob(spec)
+def _glob(base_uri: str, pattern: list[str]) -> list[str]:
+    """Files matching ``base_uri/pattern``; listing starts at ``base_uri``, the last
+    folder without a wildcard, and only recurses when the pattern has several
+    levels or ``**``."""
     fs, path = filesystem(base_uri)
     recursive = len(pattern) > 1 or "**" in pattern
     return _walk(fs, path, base_uri.rstrip("/"), recursive, pattern)

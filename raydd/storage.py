@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 ARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs")  # pyarrow's native filesystems
+_WILDCARD = re.compile(r"[*?\[]")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -87,6 +89,36 @@ def absolute(location: str | os.PathLike[str]) -> str:
     """A URI as it is; a local path made absolute (Ray workers run elsewhere)."""
     text = str(location)
     return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def key_part(uri: str) -> str:
+    """``uri`` without scheme and bucket/host (a local path as it is)."""
+    if "://" not in uri:
+        return uri
+    return uri.partition("://")[2].partition("/")[2]
+
+
+def split_glob(spec: str) -> tuple[str, list[str]] | None:
+    """``(base, pattern)`` of a glob: the last folder without a wildcard and the
+    levels below it; ``None`` when ``spec`` has no wildcard (``*``, ``?``, ``[``).
+
+    Raises:
+        ValueError: the bucket or host name itself is a glob.
+
+    Example:
+        >>> split_glob("s3://b/crawl/*/img-*.jpg")
+        ('s3://b/crawl', ['*', 'img-*.jpg'])
+    """
+    if not _WILDCARD.search(key_part(spec)):
+        return None
+    head, sep, rest = spec.partition("://")
+    if not sep:
+        head, rest = "", os.path.abspath(os.path.expanduser(spec))
+    parts = rest.split("/")
+    first = next(i for i, p in enumerate(parts) if _WILDCARD.search(p))
+    if sep and first == 0:
+        raise ValueError(f"a bucket or host name cannot be a glob: {spec}")
+    return f"{head}{sep}" + ("/".join(parts[:first]) or "/"), parts[first:]
 
 
 def join(base: str, *parts: str) -> str:

@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,14 @@ def test_data_overrides_point_the_demo_config_at_a_written_dataset(demo_dir):
     assert config.data.test.images == str(demo_dir / "test")
     assert config.data.validation.images == str(demo_dir / "validation")
     assert config.data.unlabeled.images == str(demo_dir / "unlabeled")
+
+
+def test_demo_data_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):
+    from raydd.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    assert main(["demo-data", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'raydd[demo]'" in err and "mlxtend" in err
+    assert "Traceback" not in err
