@@ -62,6 +62,24 @@ def _distill_demo(r: dict) -> list[str]:
     ]
 
 
+def _cluster(r: dict) -> list[str]:
+    s, loss = r["distill_seconds"], r["node_loss"]
+    return [
+        "| job (`jobs/distill.py`, smoke-sized run, outputs in S3) | seconds |",
+        "|---|---|",
+        f"| one node, 2 CPUs | {s['one_node']:.1f} |",
+        f"| cluster: 0-CPU head + 2-CPU worker node, no shared disk | "
+        f"{s['cluster']:.1f} |",
+        "",
+        f"Cluster / one node: {r['cluster_over_one_node']:.3f}x the time. Node loss "
+        f"(the student step, worker node SIGKILLed after step "
+        f"{loss['killed_after_step']}, a new node started): resumed from the "
+        f"checkpoint of step {loss['resumed_from_step']}, "
+        f"**{loss['steps_redone']} steps redone**; "
+        f"{loss['seconds_from_kill_to_end']:.0f} s from the kill to the end.",
+    ]
+
+
 def _threshold_search(r: dict) -> list[str]:
     return [
         "| candidates | trials | seconds | threshold | precision | recall |",
@@ -378,6 +396,7 @@ SECTIONS = {
         _distill_demo,
     ),
     "threshold_search": ("Threshold search over cached candidates", _threshold_search),
+    "cluster": ("One node vs a cluster that shares no disk, and node loss", _cluster),
     "pseudo_label_throughput": (
         "Pseudo-labeling throughput: Ray Data pipeline vs a bare torch loop",
         _pseudo_label_throughput,
@@ -419,6 +438,14 @@ def _throughput_rows(r: dict) -> list[tuple[str, str]]:
                 f"fusion, {r['views']} views x {r['boxes_per_view']} boxes",
                 f"wbf {r['images_per_s']['wbf']:,.0f} images/s, "
                 f"**{r['wbf_speedup']}x** ensemble-boxes",
+            )
+        ]
+    if name == "cluster":
+        return [
+            (
+                "distill job, cluster vs one node",
+                f"**{r['cluster_over_one_node']:.3f}x** the time; node loss: "
+                f"{r['node_loss']['steps_redone']} steps redone",
             )
         ]
     if name == "threshold_search":

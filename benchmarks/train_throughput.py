@@ -47,7 +47,7 @@ from tensorboardX.proto import event_pb2
 from raydd.config import Config, parse_config
 from raydd.data.coco import coco_records
 from raydd.data.demo import DemoSizes, write_demo_dataset
-from raydd.ingest import LABELED, PSEUDO, prepare, split_batch, to_device
+from raydd.ingest import LABELED, PSEUDO, RowStream, prepare, split_batch, to_device
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.teacher import augment_for, labeled_training_records
 from raydd.train import TrainJob, _build, fit, sgd_schedule
@@ -139,6 +139,15 @@ def _ray_train(config: Config, job: TrainJob, datasets: dict, work: Path) -> dic
             walls[s] - walls[s - 1] for s in range(first + 1, last + 1)
         ),
     }
+
+
+def _decoded(dataset: ray.data.Dataset) -> list[dict]:
+    """Every row of a prepared training set, decoded and augmented as a stream
+    gives it to a worker (epoch 0's order)."""
+    stream = RowStream(dataset.iterator(), 1)
+    rows = stream.take(dataset.count())
+    stream.close()
+    return rows
 
 
 def _plain_loop(
@@ -234,7 +243,7 @@ def main() -> None:
         job, datasets = _job(config, work)
         threads = config.student.torch_threads
         # [2] The same prepared rows, materialised for the plain loop (not timed).
-        rows = {name: ds.take_all() for name, ds in datasets.items()}
+        rows = {name: _decoded(ds) for name, ds in datasets.items()}
         steps = iterations - log_every
         # [3] Plain loop, Ray Train, plain loop again.
         before = _plain_loop(job, rows, log_every, steps, threads)

@@ -163,10 +163,15 @@ class StudentConfig(TrainConfig):
             (the paper's 6:4 is 0.6); the rest are pseudo-labeled images.
         init: ``pretrained`` retrains from the initial weights (the paper's choice);
             ``teacher`` fine-tunes from the teacher's weights.
+        control: also train the equal-compute control: a model on the labeled
+            images only with exactly this schedule (steps, batch, learning rate,
+            augmentation, init), so ``student - control`` is what the
+            pseudo-labels add, not what a longer schedule adds.
     """
 
     labeled_share: float = 0.6
     init: str = "pretrained"
+    control: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,19 @@
-"""Training data for Ray Train, prepared by Ray Data, mixed exactly in every batch.
+"""Training data for Ray Train, prepared by Ray Data, shuffled and mixed exactly.
 
 [1] :func:`records_dataset` turns :class:`~raydd.data.coco.Record` s (labeled COCO or
-    thresholded pseudo-labels) into a Ray Dataset of *training rows*.
-[2] :class:`Augment` is the Ray Data stage that decodes each image, resizes it to one
-    of the training scales (multi-scale training) and mirrors it (keypoints swap
-    left/right), so the training loop only moves tensors to its device.
-[3] Inside each Ray Train worker, a :class:`RowStream` reads one dataset shard
-    (``ray.train.get_dataset_shard``) epoch after epoch and knows its position;
-    :func:`next_batch` takes exactly ``n_labeled`` rows from the labeled stream and
+    thresholded pseudo-labels) into a Ray Dataset of undecoded *training rows*, each
+    with its ``index`` in the set; :func:`prepare` attaches the set's
+    :class:`Augment` to it, and the driver hands it to Ray Train.
+[2] Inside each Ray Train worker, a :class:`RowStream` reads its set epoch after
+    epoch. Every epoch it takes a new permutation of the whole set, drawn from
+    ``(seed, set name, epoch)`` and the same on every worker, of which each worker
+    takes its own slice (:class:`Shuffle`). The rows of that order go through a Ray
+    Data pipeline the stream starts: :class:`Augment` decodes each image, resizes it
+    to one of the training scales (multi-scale training) and mirrors it (keypoints
+    swap left/right), drawing the scale and the flip from ``(seed, set name, epoch,
+    index)``: a row looks the same in the same epoch whichever worker or task
+    decodes it, so a seed repeats a run's batches and a resumed stream its epoch.
+[3] :func:`next_batch` takes exactly ``n_labeled`` rows from the labeled stream and
     ``n_pseudo`` from the pseudo-labeled one, so *every* minibatch holds the
     configured labeled share (the paper's fixed 6:4 mixture, not one "in
     expectation"). The smaller (labeled) set simply starts more epochs.
@@ -18,6 +24,7 @@ Training rows after :class:`Augment` (per row; ``N`` may be 0):
 column        dtype / shape           meaning
 ============= ====================== ============================================
 ``path``      str                     the image
+``index``     int64                   its position in its set (the row's identity)
 ``image``     uint8 ``[H, W, 3]``     RGB at the training scale, maybe mirrored
 ``boxes``     float32 ``[N, 4]``      xyxy pixels of ``image``
 ``labels``    int64 ``[N]``           contiguous labels ``1..K``
@@ -29,7 +36,8 @@ column        dtype / shape           meaning
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +56,13 @@ from raydd.views import hflip_boxes
 logger = logging.getLogger(__name__)
 
 LABELED, PSEUDO = "labeled", "pseudo"
+INDEX = "index"  # a training row's position in its set
+DRAWS = "draws"  # int64 [5]: the seed of a row's augmentation draws (Shuffle.draws)
+AUGMENT_KEY = "raydd.augment"  # where prepare() keeps the Augment: DataContext config
 ROWS_PER_BLOCK = 64  # undecoded rows per Ray Data block
 AUGMENT_BATCH = 16  # images per Augment call (and per output block)
+PASS_ROWS = 64  # rows per decoding pipeline: several epochs of a small set at once
+_ORDER, _DRAW = 0, 1  # first word of the seeds: orders and draws never share one
 
 
 def split_batch(batch_size: int, labeled_share: float, pseudo: bool) -> tuple[int, int]:
@@ -77,20 +90,29 @@ def _row(record: Record) -> dict[str, Any]:
 
 
 def records_dataset(records: Sequence[Record]) -> ray.data.Dataset:
-    """The records as a Ray Dataset of undecoded training rows (``path``, ``boxes``,
-    ``labels``, ``height``, ``width`` and, when the records have them, ``masks`` as
-    RLE strings and ``keypoints`` ``[N, 3K]``)."""
+    """The records as a Ray Dataset of undecoded training rows (``path``,
+    ``index``: the record's position, ``boxes``, ``labels``, ``height``, ``width``
+    and, when the records have them, ``masks`` as RLE strings and ``keypoints``
+    ``[N, 3K]``)."""
     if not records:
         raise ValueError("no training images")
+    return _dataset([_row(r) | {INDEX: i} for i, r in enumerate(records)])
+
+
+def _dataset(rows: list[dict[str, Any]]) -> ray.data.Dataset:
     # blocks of ROWS_PER_BLOCK rows: Ray Data's default (at least 200 blocks) makes
     # one-row blocks of a small set, and scheduling those costs more than decoding
-    blocks = -(-len(records) // ROWS_PER_BLOCK)
-    return ray.data.from_items([_row(r) for r in records], override_num_blocks=blocks)
+    blocks = -(-len(rows) // ROWS_PER_BLOCK)
+    return ray.data.from_items(rows, override_num_blocks=blocks)
 
 
 @dataclass(frozen=True)
 class Augment:
     """Ray Data stage: training rows -> decoded, resized, maybe mirrored rows.
+
+    Every row draws its scale and flip from ``np.random.default_rng(row["draws"])``
+    (the stream's :meth:`Shuffle.draws`), so a row's augmentation depends on its
+    seed only, not on the task or batch that runs it.
 
     Attributes:
         min_sizes: training scales (shorter side); one is drawn per image.
@@ -120,11 +142,10 @@ class Augment:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch[schema.PATH]):
             return batch
-        rng = np.random.default_rng()
-        rows = [
-            self.row({k: v[i] for k, v in batch.items()}, rng)
-            for i in range(len(batch[schema.PATH]))
-        ]
+        rows = []
+        for i in range(len(batch[schema.PATH])):
+            row = {k: v[i] for k, v in batch.items()}
+            rows.append(self.row(row, np.random.default_rng(row[DRAWS].tolist())))
         out = {}
         for name in rows[0]:
             out[name] = np.empty(len(rows), dtype=object)
@@ -167,6 +188,7 @@ class Augment:
             pixels, target = pixels[:, ::-1], self.hflip(target, size[1])
         return {
             schema.PATH: str(row[schema.PATH]),
+            **({INDEX: int(row[INDEX])} if INDEX in row else {}),
             schema.IMAGE: np.ascontiguousarray(pixels),
             **{k: v.numpy() for k, v in target.items()},
         }
@@ -203,20 +225,76 @@ def _masks(
 
 
 def prepare(records: Sequence[Record], augment: Augment) -> ray.data.Dataset:
-    """``records`` as training rows, decoded and augmented by Ray Data."""
-    dataset = records_dataset(records).map_batches(augment, batch_size=AUGMENT_BATCH)
-    # training logs its progress every log_every steps; a bar per pass is noise
+    """``records`` as a training set for Ray Train: the undecoded rows of
+    :func:`records_dataset`, with ``augment`` kept in the dataset's context
+    (``DataContext.set_config``), where each worker's :class:`RowStream` finds it.
+
+    The rows stay undecoded until a stream has ordered them: an epoch's order and a
+    row's draws come from the epoch, which only the stream knows (a Ray Data stage
+    cannot tell one epoch from the next, and a resumed run starts afresh).
+    """
+    dataset = records_dataset(records)
+    dataset.context.set_config(AUGMENT_KEY, augment)
+    # a stream reads the set once, and training logs its own progress: no bar
     dataset.context.enable_progress_bars = False
     return dataset
 
 
-class RowStream:
-    """Endless rows of one Ray Train dataset shard, one epoch after another.
+@dataclass(frozen=True)
+class Shuffle:
+    """The order in which one worker takes a set's rows, and the seeds of their
+    augmentation draws.
 
-    ``epoch`` counts finished passes and ``offset`` the rows taken in the current one;
-    a stream built with a saved ``(epoch, offset)`` skips that many rows of its first
-    pass, so a resumed run continues at the same data position (which rows remain
-    depends on Ray Data's order, which is shuffled per pass, not replayed).
+    Each epoch is a permutation of the whole set drawn from ``(seed, name, epoch)``,
+    the same on every worker, wrapped around to a multiple of ``world`` rows (as
+    torch's ``DistributedSampler`` does) so that every worker's epoch has the same
+    length; worker ``rank`` takes every ``world``-th row from position ``rank``.
+
+    Attributes:
+        seed: the run's seed (``TrainConfig.seed``).
+        name: the set (``labeled``, ``pseudo``): two sets of one size still differ.
+        rank: this worker.
+        world: the number of workers.
+    """
+
+    seed: int = 0
+    name: str = ""
+    rank: int = 0
+    world: int = 1
+
+    def _words(self, epoch: int) -> list[int]:
+        return [self.seed % 2**63, zlib.crc32(self.name.encode()), epoch]
+
+    def order(self, size: int, epoch: int) -> np.ndarray:
+        """Positions (``index`` values) of the rows this worker takes in ``epoch``."""
+        rng = np.random.default_rng([_ORDER, *self._words(epoch)])
+        padded = np.resize(rng.permutation(size), -(-size // self.world) * self.world)
+        return padded[self.rank :: self.world]
+
+    def draws(self, epoch: int, index: int) -> np.ndarray:
+        """The seed (int64 ``[5]``) of row ``index``'s augmentation in ``epoch``."""
+        return np.array([_DRAW, *self._words(epoch), index], np.int64)
+
+
+class RowStream:
+    """Endless training rows of one set for one worker, epoch after epoch.
+
+    The stream reads the set's undecoded rows once, then sends the rows of the next
+    epochs, in :class:`Shuffle` order, through the set's :class:`Augment` (from
+    :func:`prepare`) on Ray Data, which decodes them ahead of the training step
+    (``prefetch_batches``); one pipeline covers at least ``PASS_ROWS`` rows, so a
+    small set does not start one per epoch. A set without an Augment yields its
+    rows as they are.
+
+    ``epoch`` counts finished epochs and ``offset`` the rows taken in the current
+    one. A stream built with a saved ``(epoch, offset)`` starts that epoch's order
+    after ``offset`` rows (skipped undecoded): a resumed run takes the rows, and the
+    augmentation, the interrupted one would have taken (with as many workers).
+
+    Trade-off: every worker holds the whole set's undecoded rows (paths, boxes, RLE
+    strings: bytes per image, never pixels) to draw exact permutations of it; sets
+    far larger than memory would want a permutation of ``index`` alone, joined back
+    to the rows block by block.
     """
 
     def __init__(
@@ -226,30 +304,63 @@ class RowStream:
         prefetch_batches: int = 2,
         epoch: int = 0,
         offset: int = 0,
+        shuffle: Shuffle = Shuffle(),
     ) -> None:
         self.shard, self.batch_size = shard, batch_size
-        self.prefetch_batches = prefetch_batches
+        self.prefetch_batches, self.shuffle = prefetch_batches, shuffle
         self.epoch, self.offset = epoch, offset
-        self._rows = self._iterate(skip=offset)
+        self.augment: Augment | None = shard.get_context().get_config(AUGMENT_KEY)
+        self._rows = self._iterate(epoch, offset)
 
-    def _iterate(self, skip: int) -> Iterator[dict[str, Any]]:
+    def _read(self) -> list[dict[str, Any]]:
+        """The set's undecoded rows, by ``index`` (by arrival when they have none)."""
+        rows = list(self.shard.iter_rows())
+        if not rows:
+            raise ValueError("a training set has no rows")
+        if INDEX not in rows[0]:
+            return [{**row, INDEX: i} for i, row in enumerate(rows)]
+        return sorted(rows, key=lambda row: int(row[INDEX]))
+
+    def _iterate(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
+        rows = self._read()
         while True:
-            seen = 0
-            for batch in self.shard.iter_batches(
-                batch_size=self.batch_size,
-                batch_format="numpy",
-                prefetch_batches=self.prefetch_batches,
-            ):
-                for i in range(len(batch[schema.PATH])):
-                    seen += 1
-                    if seen > skip:
-                        self.offset = seen
-                        yield {k: v[i] for k, v in batch.items()}
-            if seen == 0:
-                raise ValueError(
-                    "a dataset shard has no rows: fewer images than workers"
-                )
-            self.epoch, self.offset, skip = self.epoch + 1, 0, 0
+            planned = []  # (epoch, offset, row) of the next pipeline
+            while len(planned) < PASS_ROWS:
+                order = self.shuffle.order(len(rows), epoch)[skip:]
+                planned += [
+                    (epoch, offset, rows[j])
+                    for offset, j in enumerate(order, start=skip + 1)
+                ]
+                epoch, skip = epoch + 1, 0
+            decoded = self._decode(planned)
+            try:
+                for (at, offset, _), row in zip(planned, decoded, strict=True):
+                    self.epoch, self.offset = at, offset
+                    yield row
+            finally:
+                decoded.close()
+
+    def _decode(
+        self, planned: list[tuple[int, int, dict[str, Any]]]
+    ) -> Generator[dict[str, Any], None, None]:
+        """The planned rows, decoded and augmented by Ray Data, in their order."""
+        if self.augment is None:
+            yield from (row for *_, row in planned)
+            return
+        rows = [
+            {**row, DRAWS: self.shuffle.draws(epoch, int(row[INDEX]))}
+            for epoch, _, row in planned
+        ]
+        dataset = _dataset(rows).map_batches(self.augment, batch_size=AUGMENT_BATCH)
+        dataset.context.execution_options.preserve_order = True  # the epochs' order
+        dataset.context.enable_progress_bars = False  # a bar per pipeline is noise
+        for batch in dataset.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            prefetch_batches=self.prefetch_batches,
+        ):
+            for i in range(len(batch[schema.PATH])):
+                yield {k: v[i] for k, v in batch.items()}
 
     def take(self, n: int) -> list[dict[str, Any]]:
         """The next ``n`` rows (crossing into the next epoch when needed)."""

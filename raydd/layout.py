@@ -18,6 +18,7 @@ name                                 step         what
 ``thresholds.json``, ``.png``        threshold    the chosen score threshold(s)
 ``tune/``                            threshold    Ray Tune's results (TensorBoard)
 ``student/``, ``tensorboard/student`` student      as for the teacher
+``control/``, ``tensorboard/control`` student      the equal-compute control (option)
 ``summary.json``, ``report.html``    evaluate     AP table, counts, timings; the page
 ``pseudo_labels.json``               export       pseudo-labels as COCO instances
 ==================================== ============ ====================================
@@ -43,6 +44,7 @@ CONFIG_FILE = "config.yaml"
 STEPS_FILE = "steps.json"
 TEACHER_DIR = "teacher"
 STUDENT_DIR = "student"
+CONTROL_DIR = "control"
 TENSORBOARD_DIR = "tensorboard"
 TRAIN_DIR = "ray_train"
 CANDIDATES_DIR = "candidates"
@@ -55,7 +57,8 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 EXPORT_FILE = "pseudo_labels.json"
 
-# summary.json: COCO box metrics (0..1) of each model on the test split
+# summary.json: COCO box metrics (0..1) of each model on the test split (and of
+# "control", the labeled-only model on the student's schedule, when trained)
 MODELS = ("teacher", "teacher_views", "student")
 METRICS = ("AP", "AP50", "AP75")
 
@@ -66,7 +69,12 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
     "teacher": (TEACHER_DIR, f"{TENSORBOARD_DIR}/teacher"),
     "pseudo_label": (CANDIDATES_DIR, VALIDATION_CANDIDATES_DIR, ERRORS_FILE),
     "threshold": (THRESHOLD_FILE, PLOT_FILE, TUNE_DIR),
-    "student": (STUDENT_DIR, f"{TENSORBOARD_DIR}/student"),
+    "student": (
+        STUDENT_DIR,
+        f"{TENSORBOARD_DIR}/student",
+        CONTROL_DIR,
+        f"{TENSORBOARD_DIR}/control",
+    ),
     "evaluate": (SUMMARY_FILE, REPORT_FILE),
 }
 
@@ -74,7 +82,7 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 # written straight to Run.shared(name) (by Ray Train's rank 0 wherever it runs, and
 # by Ray Tune), so the local copy is refreshed from storage, never uploaded
 WRITTEN_TO_STORAGE = frozenset(
-    (TUNE_DIR, *(f"{TENSORBOARD_DIR}/{role}" for role in ("teacher", "student")))
+    (TUNE_DIR, *(f"{TENSORBOARD_DIR}/{r}" for r in ("teacher", "student", "control")))
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from raydd import schema
-from raydd.config import Config, single_view
+from raydd.config import Config, TrainConfig, single_view
 from raydd.data.coco import (
     Categories,
     Record,
@@ -25,6 +25,7 @@ from raydd.data.coco import (
 from raydd.evaluate import evaluate_checkpoint
 from raydd.layout import (
     CANDIDATES_DIR,
+    CONTROL_DIR,
     PLOT_FILE,
     STEPS_FILE,
     STUDENT_DIR,
@@ -87,8 +88,9 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
 
 
 def evaluate_all(config: Config) -> dict[str, Any]:
-    """COCO AP of the teacher (one view), the teacher with all views, the student,
-    each loaded by the Predictor actors from ``Run.shared`` (storage on a cluster)."""
+    """COCO AP of the teacher (one view), the teacher with all views, the student
+    and, when it was trained, the control (one view), each loaded by the Predictor
+    actors from ``Run.shared`` (storage on a cluster)."""
     run = Run.of(config)
     teacher, student = run.shared(TEACHER_DIR), run.shared(STUDENT_DIR)
     runs = {
@@ -96,11 +98,24 @@ def evaluate_all(config: Config) -> dict[str, Any]:
         "teacher_views": (teacher, config.views),
         "student": (student, single_view(config)),
     }
+    if config.student.control and run.fetch(CONTROL_DIR):
+        runs["control"] = (run.shared(CONTROL_DIR), single_view(config))
     return {
         name: evaluate_checkpoint(
             ckpt, config.data.test, views, config.ensemble, config.inference
         )
         for name, (ckpt, views) in runs.items()
+    }
+
+
+def schedule(train: TrainConfig) -> dict[str, int]:
+    """The compute of a training run: steps, images per step, images seen (the
+    control's is the student's)."""
+    batch = train.batch_size * train.num_workers
+    return {
+        "steps": train.iterations,
+        "batch": batch,
+        "images": train.iterations * batch,
     }
 
 
@@ -133,6 +148,10 @@ def summarize(
             "unlabeled": len(candidates),
             "pseudo_labeled": len(pseudo),  # readable images the student trained on
             "errors": int((candidates[schema.ERROR] != "").sum()),
+        },
+        "schedules": {
+            name: schedule(cfg)
+            for name, cfg in (("teacher", config.teacher), ("student", config.student))
         },
         "seconds": {
             **(json.loads(times.read_text()) if times.exists() else {}),

@@ -39,7 +39,6 @@ from raydd.layout import (
     CANDIDATES_DIR,
     CONFIG_FILE,
     METRICS,
-    MODELS,
     PLOT_FILE,
     REPORT_FILE,
     STUDENT_DIR,
@@ -48,6 +47,7 @@ from raydd.layout import (
     THRESHOLD_FILE,
 )
 from raydd.pseudo_label import read_candidates
+from raydd.steps import gains, models
 from raydd.student import pseudo_records
 from raydd.threshold import (
     ThresholdResult,
@@ -207,11 +207,38 @@ def _view_text(view: Any) -> str:
 
 def _summary_section(run: RunOutputs) -> str:
     summary = _need(run.summary, f"no {SUMMARY_FILE}: run `raydd run` to get the AP")
-    rows = [[name, *(_metric(summary, name, m) for m in METRICS)] for name in MODELS]
+    names = models(summary)
+    rows = [[name, *(_metric(summary, name, m) for m in METRICS)] for name in names]
     if all(name in summary for name in ("teacher", "student")):
-        gain = [summary["student"][m] - summary["teacher"][m] for m in METRICS]
-        rows.append(["student − teacher", *(f"{g:+.4f}" for g in gain)])
-    return _table(["model", *METRICS], rows, "COCO box AP on the test split")
+        for name, gain in gains(summary).items():
+            rows.append([name.replace("-", "−"), *(f"{gain[m]:+.4f}" for m in METRICS)])
+    caption = "COCO box AP on the test split"
+    return _table(["model", *METRICS], rows, caption) + _schedules(summary)
+
+
+def _schedules(summary: dict[str, Any]) -> str:
+    """What each model was trained on, and what the student's gain therefore means."""
+    schedules = summary.get("schedules")
+    if not schedules:
+        return ""
+    steps = "; ".join(
+        f"{name} {s['steps']} steps × {s['batch']} images"
+        for name, s in schedules.items()
+    )
+    if "control" in summary:
+        meaning = (
+            "the control is trained on the labeled images only with the student's "
+            "schedule: student − control is what the pseudo-labels add"
+        )
+    elif schedules["teacher"] == schedules["student"]:
+        meaning = "the teacher, on the same schedule, is the labeled-only control"
+    else:
+        meaning = (
+            "teacher and student have different schedules and there is no control "
+            "(student.control: true): student − teacher mixes what the "
+            "pseudo-labels add with what the other schedule adds"
+        )
+    return f"<p class=meta>Schedules: {_e(steps)}. {_e(meaning)}.</p>"
 
 
 def _metric(summary: dict[str, Any], model: str, metric: str) -> str:

@@ -137,5 +137,10 @@ def detections_from_row(row: dict[str, Any]) -> dict[str, np.ndarray]:
     for name in (KEYPOINTS, KEYPOINT_SCORES):
         if name in row:
             rows = [np.asarray(k, np.float32) for k in row[name]]
-            dets[name] = np.array(rows, np.float32).reshape(n, -1)
+            # no detection: no row tells K, and reshape(0, -1) is ambiguous
+            dets[name] = (
+                np.array(rows, np.float32).reshape(n, -1)
+                if n
+                else (np.zeros((0, 0), np.float32))
+            )
     return dets

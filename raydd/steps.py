@@ -86,12 +86,15 @@ def _threshold(config: Config) -> str:
 
 
 def _student(config: Config) -> str:
-    from raydd.student import train_student
+    from raydd.student import train_control, train_student
     from raydd.threshold import load_threshold, thresholds_by_label
 
     result = load_threshold(config.output_dir)
     used = thresholds_by_label(result, config.threshold.per_class)
-    return f"checkpoint {train_student(config, _candidates(config), used)}"
+    done = f"checkpoint {train_student(config, _candidates(config), used)}"
+    if config.student.control:
+        done += f", control {train_control(config)}"
+    return done
 
 
 def _evaluate(config: Config) -> str:
@@ -206,18 +209,41 @@ def run_all(config: Config) -> dict[str, Any]:
     return json.loads(Run.of(config).local(SUMMARY_FILE).read_text())
 
 
+def models(metrics: dict[str, Any]) -> list[str]:
+    """The models scored in ``metrics``: :data:`MODELS` and the control if any."""
+    return [*MODELS, *(["control"] if "control" in metrics else [])]
+
+
+def gains(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The student's gains, the honest one first: ``student - control`` (same
+    schedule, labeled images only) when the control was trained, then ``student -
+    teacher``."""
+    bases = [b for b in ("control", "teacher") if b in metrics]
+    return {
+        f"student - {base}": {
+            m: metrics["student"][m] - metrics[base][m] for m in METRICS
+        }
+        for base in bases
+    }
+
+
 def format_table(metrics: dict[str, Any]) -> str:
-    """A text table of AP/AP50/AP75 per model, plus the student's gain."""
+    """A text table of AP/AP50/AP75 per model, plus the student's gains."""
     rows = [("model", *METRICS)]
-    for name in MODELS:
+    for name in models(metrics):
         rows.append((name, *(f"{metrics[name][m]:.4f}" for m in METRICS)))
-    gain = {m: metrics["student"][m] - metrics["teacher"][m] for m in METRICS}
-    rows.append(("student - teacher", *(f"{gain[m]:+.4f}" for m in METRICS)))
+    for name, gain in gains(metrics).items():
+        rows.append((name, *(f"{gain[m]:+.4f}" for m in METRICS)))
     return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
 
 
 def ap_line(metrics: dict[str, Any]) -> str:
-    """``AP teacher 0.2575, teacher_views 0.3183, student 0.3530 (+0.0955)``."""
-    ap = {name: metrics[name]["AP"] for name in MODELS}
-    gain = ap["student"] - ap["teacher"]
-    return "AP " + ", ".join(f"{k} {v:.4f}" for k, v in ap.items()) + f" ({gain:+.4f})"
+    """``AP teacher 0.2575, teacher_views 0.3183, student 0.3530 (+0.0955)``: the
+    gain over the control when there is one, else over the teacher."""
+    ap = {name: metrics[name]["AP"] for name in models(metrics)}
+    _, gain = next(iter(gains(metrics).items()))
+    return (
+        "AP "
+        + ", ".join(f"{k} {v:.4f}" for k, v in ap.items())
+        + f" ({gain['AP']:+.4f})"
+    )

@@ -1,10 +1,11 @@
 """The Ray Train loop shared by the teacher (step 1) and the student (step 4).
 
 The driver hands ``TorchTrainer`` two Ray Datasets, ``labeled`` and ``pseudo``
-(prepared by :mod:`raydd.ingest`: decoded, resized, mirrored by Ray Data). Each worker
-reads its shard of both in lockstep, so *every* minibatch holds exactly the configured
-number of labeled images, and runs an iteration-based SGD schedule (warm-up, x0.1 at
-70% and 90%; AMP on GPU).
+(prepared by :mod:`raydd.ingest`). Each worker reads both whole and streams its slice
+of every epoch's permutation of each, decoded, resized and mirrored by Ray Data with
+draws seeded from ``seed`` (:class:`raydd.ingest.RowStream`), in lockstep, so *every*
+minibatch holds exactly the configured number of labeled images, and runs an
+iteration-based SGD schedule (warm-up, x0.1 at 70% and 90%; AMP on GPU).
 
 Every ``checkpoint_every`` steps rank 0 reports a checkpoint: the plain torchvision
 ``state_dict`` with the resolved config (``metadata.json``) plus the optimizer,
@@ -39,7 +40,15 @@ from raydd.checkpoint import load_state_dict, save_detector
 from raydd.config import CocoSplit, ModelConfig, TrainConfig, ViewConfig
 from raydd.data.coco import Categories
 from raydd.evaluate import evaluate_model
-from raydd.ingest import LABELED, PSEUDO, RowStream, next_batch, split_batch, to_device
+from raydd.ingest import (
+    LABELED,
+    PSEUDO,
+    RowStream,
+    Shuffle,
+    next_batch,
+    split_batch,
+    to_device,
+)
 from raydd.models import build_model
 from raydd.runtime import setup_logging
 
@@ -219,14 +228,21 @@ def _shard(name: str) -> Any | None:
 
 
 def _streams(
-    job: TrainJob, position: dict[str, dict[str, int]]
+    job: TrainJob, position: dict[str, dict[str, int]], rank: int, world: int
 ) -> dict[str, RowStream]:
-    """This worker's shard of each dataset, in lockstep, at the saved position."""
+    """This worker's stream of each dataset, seeded by ``seed``, at the saved
+    position (rank 0's: every worker's epochs have one length, see ``Shuffle``)."""
     cfg = job.train
     shards = {LABELED: _shard(LABELED), PSEUDO: _shard(PSEUDO)}
     sizes = split_batch(cfg.batch_size, job.labeled_share, shards[PSEUDO] is not None)
     return {
-        name: RowStream(shards[name], n, cfg.prefetch_batches, **position.get(name, {}))
+        name: RowStream(
+            shards[name],
+            n,
+            cfg.prefetch_batches,
+            **position.get(name, {}),
+            shuffle=Shuffle(cfg.seed, name, rank, world),
+        )
         for name, n in zip((LABELED, PSEUDO), sizes, strict=True)
         if n > 0
     }
@@ -248,7 +264,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer, scheduler = sgd_schedule(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     start, position = _restore(model, optimizer, scheduler, scaler)
-    streams = _streams(job, position)
+    streams = _streams(job, position, rank, world)
     state = _State(optimizer, scheduler, scaler, streams, start)
     sizes = {name: s.batch_size for name, s in streams.items()}
     ddp_model = ray.train.torch.prepare_model(model)
@@ -391,10 +407,6 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     )
 
 
-def _several_workers(cfg: TrainConfig) -> bool:
-    return cfg.num_workers > 1 or cfg.max_workers is not None
-
-
 def fit(
     job: TrainJob,
     datasets: dict[str, ray.data.Dataset],
@@ -406,8 +418,9 @@ def fit(
 
     Args:
         job: what to train.
-        datasets: ``labeled`` and optionally ``pseudo`` training rows
-            (:func:`raydd.ingest.prepare`); each is split across the workers.
+        datasets: ``labeled`` and optionally ``pseudo`` training sets
+            (:func:`raydd.ingest.prepare`); each worker takes its slice of every
+            epoch.
         name: the run name; launching the same name under the same ``storage_path``
             again resumes from its latest checkpoint.
         storage_path: where Ray Train keeps checkpoints (local path or URI; on a
@@ -423,11 +436,10 @@ def fit(
         train_loop,
         train_loop_config={"job": job},
         datasets=datasets,
-        # one worker reads each dataset whole: no split coordinator actors, whose
-        # bookkeeping costs a one-worker run more than it saves
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split="all" if _several_workers(cfg) else []
-        ),
+        # every worker reads each (undecoded, small) set whole and takes its slice
+        # of each epoch's permutation (raydd.ingest.Shuffle): no split coordinator
+        # actors, and an order that a seed repeats whatever the number of workers
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
+@pytest.mark.slow
 def test_distill_demo_smoke(ray_local, tmp_path, monkeypatch, capsys):
     results = tmp_path / "distill_demo.json"
     monkeypatch.setattr(
@@ -33,6 +33,7 @@ def test_distill_demo_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert "student - teacher" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_threshold_search_smoke(ray_local, tmp_path, monkeypatch, capsys):
     results = tmp_path / "threshold_search.json"
     monkeypatch.setattr(
@@ -84,6 +85,7 @@ def test_fusion_smoke(tmp_path, monkeypatch, capsys):
     assert module["_fusion"](record)[0] == "| method | images/s |"
 
 
+@pytest.mark.slow
 def test_pseudo_label_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     results = tmp_path / "throughput.json"
     monkeypatch.setattr(
@@ -109,6 +111,7 @@ def test_pseudo_label_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys)
     assert module["_pseudo_label_throughput"](record)[2].startswith("| bare torch")
 
 
+@pytest.mark.slow
 def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     results = tmp_path / "train_throughput.json"
     monkeypatch.setattr(
@@ -126,6 +129,7 @@ def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert module["_train_throughput"](record)[2].startswith("| plain torch loop")
 
 
+@pytest.mark.slow
 def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     """Every experiment of the paper benchmark runs (tiny sizes, one seed), and the
     report renders its tables and non-blank plots."""
@@ -187,3 +191,21 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         "![long_students.png](only/long_students.png)"
     ]
     assert module["_throughput_rows"](only) == []
+
+
+def test_report_renders_the_cluster_record():
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    record = {
+        "distill_seconds": {"one_node": 100.0, "cluster": 125.0},
+        "cluster_over_one_node": 1.25,
+        "node_loss": {
+            "killed_after_step": 13,
+            "resumed_from_step": 12,
+            "steps_redone": 1,
+            "seconds_from_kill_to_end": 60.2,
+        },
+    }
+    lines = module["_cluster"](record)
+    assert lines[2] == "| one node, 2 CPUs | 100.0 |"
+    assert lines[3].endswith("| 125.0 |")
+    assert "1.250x" in lines[-1] and "**1 steps redone**" in lines[-1]

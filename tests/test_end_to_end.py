@@ -10,8 +10,6 @@ from raydd.checkpoint import read_metadata
 from raydd.cli import COMMANDS, build_parser, main
 from raydd.layout import STEPS
 
-pytestmark = pytest.mark.slow
-
 SUBCOMMANDS = [
     "demo-data",
     "train-teacher",
@@ -32,6 +30,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: raydd " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out", weights)))
@@ -42,6 +41,7 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
                 str(config),
                 "student.labeled_share=0.4",
                 "threshold.per_class=true",
+                "student.control=true",
             ]
         )
         == 0
@@ -73,8 +73,18 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     student = read_metadata(tmp_path / "out" / "student")
     assert student["init"] == "pretrained" and student["step"] == 4
     assert student["config"]["student"]["labeled_share"] == 0.4
+    # the equal-compute control: labeled images only, the student's schedule
+    control = read_metadata(tmp_path / "out" / "control")
+    assert (control["role"], control["init"], control["step"]) == (
+        "control",
+        "pretrained",
+        4,
+    )
+    assert "pseudo_instances" not in control and student["pseudo_instances"] >= 0
+    assert set(summary["control"]) == {"AP", "AP50", "AP75"}
+    assert summary["schedules"]["student"] == {"steps": 4, "batch": 5, "images": 20}
     printed = capsys.readouterr().out
-    assert "student - teacher" in printed
+    assert printed.index("student - control") < printed.index("student - teacher")
     # and ends with the HTML report: every section, every picture embedded
     report = tmp_path / "out" / "report.html"
     assert f"report: {report}" in printed
@@ -93,8 +103,9 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     )
     assert in_process == pytest.approx(summary["teacher"], abs=1e-6)
     # TensorBoard curves of both training runs
-    for role in ("teacher", "student"):
+    for role in ("teacher", "student", "control"):
         assert list((tmp_path / "out" / "tensorboard" / role).glob("events.out.*"))
+    assert "student − control" in page and "Schedules: teacher 4 steps" in page
 
     # the separate steps reuse what `run` left: re-launching the teacher with a longer
     # schedule resumes from its last checkpoint (step 4) instead of starting over
@@ -120,6 +131,7 @@ def test_bad_config_stops_before_any_work(tmp_path, demo_dir, weights, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_step_without_its_input_says_which_step_to_run(
     ray_local, tmp_path, demo_dir, weights, capsys
 ):
@@ -135,6 +147,7 @@ def test_every_job_step_has_a_subcommand():
         assert build_parser().parse_args([command, "run.yaml"]).needs_config
 
 
+@pytest.mark.slow
 def test_zero_detections_flow_through_every_step(
     ray_local, demo_dir, weights, tmp_path
 ):
@@ -153,6 +166,7 @@ def test_zero_detections_flow_through_every_step(
     assert read_metadata(tmp_path / "out" / "student")["pseudo_instances"] == 0
 
 
+@pytest.mark.slow
 def test_ray_job_entrypoint_smoke_test(tmp_path):
     import os
     import subprocess

@@ -98,3 +98,80 @@ def test_categories_map_non_contiguous_ids():
     assert cats.ids == (3, 7, 90) and cats.num_classes == 4
     assert [cats.to_label(i) for i in (3, 7, 90)] == [1, 2, 3]
     assert [cats.to_category(label) for label in (1, 2, 3)] == [3, 7, 90]
+
+
+# --- a hand-made COCO whose AP is known -------------------------------------------
+
+# COCO interpolates precision at 101 recall points (0, 0.01, ..., 1): when only one
+# of two objects is found, at full precision, 51 of them (recall <= 0.5) score 1.
+HALF_FOUND = 51 / 101
+
+
+def _two_objects():
+    """Two 200x200 images, one 100x100 object each, of category id 7 (label 1)."""
+    objects = {1: [10, 10, 100, 100], 2: [50, 60, 100, 100]}  # xywh
+    coco = COCO()
+    coco.dataset = {
+        "images": [
+            {"id": i, "file_name": f"{i}.png", "height": 200, "width": 200}
+            for i in objects
+        ],
+        "annotations": [
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 7,
+                "bbox": box,
+                "area": box[2] * box[3],
+                "iscrowd": 0,
+            }
+            for i, box in objects.items()
+        ],
+        "categories": [{"id": 7, "name": "seven"}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, Categories.from_coco(coco)
+
+
+def _score(detections: dict[int, list[tuple[list[float], float]]]) -> dict:
+    """AP of ``{image id: [(xyxy box, score), ...]}``, all of label 1."""
+    coco, categories = _two_objects()
+    frame = pd.DataFrame(
+        [
+            {
+                schema.PATH: f"images/{image}.png",
+                schema.BOXES: np.array([b for b, _ in dets], np.float32).reshape(-1, 4),
+                schema.LABELS: np.ones(len(dets), np.int64),
+                schema.SCORES: np.array([s for _, s in dets], np.float32),
+            }
+            for image, dets in detections.items()
+        ]
+    )
+    return coco_metrics(coco, coco_results(frame, coco, "images", categories))
+
+
+EXACT = {1: ([10, 10, 110, 110], 0.9), 2: ([50, 60, 150, 160], 0.8)}
+
+
+@pytest.mark.parametrize(
+    "detections,expected",
+    [
+        # both objects, exactly
+        ({1: [EXACT[1]], 2: [EXACT[2]]}, (1.0, 1.0, 1.0)),
+        # one of the two missed
+        ({1: [EXACT[1]], 2: []}, (HALF_FOUND,) * 3),
+        # a miss scored above the hit: precision 1/2 up to recall 1/2
+        ({1: [([150, 150, 190, 190], 0.95), EXACT[1]], 2: []}, (HALF_FOUND / 2,) * 3),
+        # the second box overlaps its object at IoU 0.68: a hit at the IoU
+        # thresholds 0.50-0.65 (4 of 10), a miss at 0.70-0.95 (6 of 10)
+        (
+            {1: [EXACT[1]], 2: [([50, 60, 150, 128], 0.8)]},
+            (0.4 + 0.6 * HALF_FOUND, 1.0, HALF_FOUND),
+        ),
+    ],
+    ids=["perfect", "one-missed", "miss-above-hit", "loose-box"],
+)
+def test_ap_of_known_detections(detections, expected):
+    metrics = _score(detections)
+    assert (metrics["AP"], metrics["AP50"], metrics["AP75"]) == pytest.approx(expected)

@@ -173,21 +173,6 @@ def test_inputs_come_back_from_storage(config_file, tmp_path):
         steps.check(config, ["student"])
 
 
-def test_ap_line_and_logging_setup():
-    metrics = {
-        "teacher": {"AP": 0.25},
-        "teacher_views": {"AP": 0.3},
-        "student": {"AP": 0.35},
-    }
-    assert steps.ap_line(metrics) == (
-        "AP teacher 0.2500, teacher_views 0.3000, student 0.3500 (+0.1000)"
-    )
-    jobs.setup_logging()
-    jobs.setup_logging()
-    log = logging.getLogger("raydd")
-    assert log.level == logging.INFO and len(log.handlers) == 1
-
-
 @pytest.mark.parametrize(
     "call",
     [

@@ -32,15 +32,8 @@ from raydd import storage
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp: Path, raw: dict, name: str, *overrides: str) -> Path:
+def _config(tmp: Path, raw: dict, name: str) -> Path:
     """A config file on the head's disk (the job's driver reads it there)."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -80,6 +73,21 @@ def _outputs_in_storage(s3, run: str) -> set[str]:
     return names
 
 
+def _distill(cluster, s3, run: str, out: Path, data: str, weights: str) -> dict:
+    """Submits jobs/distill.py (data and weights where given, outputs to ``run`` in
+    the store, ``output_dir`` ``out`` on the head); checks the job and the outputs
+    in storage; returns the summary."""
+    config = _config(out.parent, tiny_config(data, out, weights), out.name)
+    entrypoint = f"python jobs/distill.py --config {config} storage_uri={run}"
+    status, logs = cluster.run(entrypoint, timeout=900)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "distill done in" in logs and "student - teacher" in logs
+    _outputs_in_storage(s3, run)
+    summary = json.loads(storage.read_bytes(f"{run}/summary.json"))
+    assert json.loads((out / "summary.json").read_text()) == summary
+    return summary
+
+
 def test_distill_with_shared_data_and_storage_in_a_bucket(
     multinode_cluster,  # noqa: F811
     s3_server,  # noqa: F811
@@ -89,17 +97,9 @@ def test_distill_with_shared_data_and_storage_in_a_bucket(
     weights,
 ):
     cluster = multinode_cluster
-    run = f"{bucket}/shared"
-    out = head_only_dir / "shared-out"
-    raw = tiny_config(demo_dir, out, weights)
-    config = _config(head_only_dir, raw, "shared", f"storage_uri={run}")
-    status, logs = cluster.run(f"python jobs/distill.py --config {config}", timeout=900)
-    assert status == "SUCCEEDED", logs[-6000:]
-    assert "distill done in" in logs and "student - teacher" in logs
-    _outputs_in_storage(s3_server, run)
-    summary = json.loads(storage.read_bytes(f"{run}/summary.json"))
+    out = head_only_dir / "shared"
+    summary = _distill(cluster, s3_server, f"{bucket}/shared", out, demo_dir, weights)
     assert summary["images"]["unlabeled"] == 10
-    assert json.loads((out / "summary.json").read_text()) == summary
     # the head's output_dir mirrors the store, TensorBoard files included
     assert list((out / "tensorboard" / "student").glob("events.out.*"))
     # every Train worker and Predictor ran on the worker node (the head has 0 CPUs)
@@ -119,18 +119,12 @@ def test_distill_with_data_only_in_the_bucket(
     data, pth = f"{bucket}/data", f"{bucket}/weights/mobilenet_v2.pth"
     storage.copy(str(demo_dir), data)
     storage.copy(weights, pth)
-    run = f"{bucket}/bucket-only"
-    raw = tiny_config(data, head_only_dir / "bucket-out", pth)
-    config = _config(head_only_dir, raw, "bucket", f"storage_uri={run}")
-    assert yaml.safe_load(config.read_text())["data"]["test"]["images"].startswith(
-        "s3://"
-    )
-    status, logs = multinode_cluster.run(
-        f"python jobs/distill.py --config {config}", timeout=900
-    )
-    assert status == "SUCCEEDED", logs[-6000:]
-    _outputs_in_storage(s3_server, run)
-    summary = json.loads(storage.read_bytes(f"{run}/summary.json"))
+    out = head_only_dir / "bucket-only"
+    summary = _distill(multinode_cluster, s3_server, f"{bucket}/bucket-only", out,
+                       data, pth)  # fmt: skip
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["test"][
+        "images"
+    ].startswith("s3://")
     assert summary["images"] == {
         "labeled": 8,
         "unlabeled": 10,
@@ -171,16 +165,11 @@ def test_a_lost_worker_node_costs_only_the_steps_since_the_checkpoint(
     for name in ("teacher", "candidates", "thresholds.json"):  # steps 1-3 done
         storage.copy(f"{shared}/{name}", f"{run}/{name}")
     raw = tiny_config(demo_dir, head_only_dir / "resume-out", weights)
-    config = _config(
-        head_only_dir,
-        raw,
-        "resume",
-        f"storage_uri={run}",
-        "student.iterations=24",
-        "student.checkpoint_every=4",
-        "student.log_every=2",
+    config = _config(head_only_dir, raw, "resume")
+    job_id = cluster.submit(
+        f"python jobs/student.py --config {config} storage_uri={run} "
+        "student.iterations=24 student.checkpoint_every=4 student.log_every=2"
     )
-    job_id = cluster.submit(f"python jobs/student.py --config {config}")
     killed_at = int(_wait_for(cluster, job_id, r"step (1\d)/24", timeout=600)[1])
     cluster.kill_worker(cluster.workers[-1])
     cluster.add_worker(num_cpus=2, hide=[head_only_dir])

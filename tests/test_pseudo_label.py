@@ -37,7 +37,7 @@ from raydd.pseudo_label import (
 )
 from raydd.shards import part_name
 from raydd.teacher import TEACHER_DIR
-from raydd.views import hflip_boxes
+from raydd.views import View, hflip_boxes
 
 VIEWS = [ViewConfig(), ViewConfig(scale=160), ViewConfig(hflip=True)]
 DIGITS = Categories(tuple(range(1, 11)), tuple(map(str, range(10))))
@@ -57,7 +57,7 @@ def checkpoint(tmp_path_factory, weights):
     return _save_untrained(tmp_path_factory.mktemp("ckpt"), weights)
 
 
-def test_views_are_mapped_back_into_the_original_image(checkpoint, demo_dir):
+def test_fused_views_give_sorted_capped_boxes_inside_the_image(checkpoint, demo_dir):
     images = [load_rgb(str(p)) for p in sorted((demo_dir / "test").glob("*.png"))[:2]]
     predictor = Predictor(checkpoint, VIEWS, EnsembleConfig(max_detections=50))
     for image, dets in zip(images, predictor.predict(images), strict=True):
@@ -68,6 +68,41 @@ def test_views_are_mapped_back_into_the_original_image(checkpoint, demo_dir):
         assert (boxes[:, [0, 2]] >= 0).all() and (boxes[:, [0, 2]] <= w + 1e-3).all()
         assert (boxes[:, [1, 3]] >= 0).all() and (boxes[:, [1, 3]] <= h + 1e-3).all()
         assert (np.diff(dets[schema.SCORES]) <= 0).all()  # sorted by score
+
+
+@pytest.mark.parametrize(
+    "view",
+    [ViewConfig(scale=160), ViewConfig(scale=96, hflip=True), ViewConfig(hflip=True)],
+    ids=lambda v: View.from_config(v).name,
+)
+def test_a_views_boxes_come_back_to_the_original_pixels(checkpoint, demo_dir, view):
+    """The model's boxes on the view's pixels, un-scaled and un-flipped by hand."""
+    image = load_rgb(str(next((demo_dir / "test").glob("*.png"))))
+    predictor = Predictor(checkpoint, [view], EnsembleConfig())
+    ours = predictor.predict([image])[0][schema.BOXES]
+    h, w = image.shape[:2]
+    shown = View.from_config(view)
+    with torch.inference_mode():
+        tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        raw = predictor.model([shown.apply(tensor)])[0]["boxes"].numpy()
+    view_h, view_w = shown.output_size(h, w)
+    assert (view_h, view_w) != (h, w) or view.hflip
+    if view.hflip:  # x in the view -> view_w - x, the corners swap
+        x0, y0, x1, y1 = raw.T
+        raw = np.stack([view_w - x1, y0, view_w - x0, y1], 1)
+    expected = raw * np.array([w / view_w, h / view_h] * 2, np.float32)
+    assert len(ours) > 0
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_the_flip_view_of_a_mirror_finds_the_mirrored_boxes(checkpoint, demo_dir):
+    """The flip view of the mirrored image sees the original pixels: mapped back,
+    its boxes are exactly the mirror of the plain view's on the original."""
+    image, plain, flipped = _mirror_pair(checkpoint, demo_dir)
+    assert len(plain[schema.BOXES]) > 0
+    mirrored = hflip_boxes(torch.from_numpy(plain[schema.BOXES]), image.shape[1])
+    np.testing.assert_allclose(flipped[schema.BOXES], mirrored.numpy(), atol=1e-4)
+    np.testing.assert_array_equal(flipped[schema.LABELS], plain[schema.LABELS])
 
 
 def test_single_identity_view_is_the_model_output(checkpoint, demo_dir):
@@ -193,6 +228,95 @@ def test_averaged_masks_of_several_views(mask_checkpoint, demo_dir):
         if len(xs):
             assert xs.min() >= box[0] - 2 and xs.max() <= box[2] + 1
             assert ys.min() >= box[1] - 2 and ys.max() <= box[3] + 1
+
+
+class _FakeBranch:
+    """Stands in for a mask or keypoint branch (RoI pool, head, predictor): it
+    records the RoIs each view asks about and answers view ``i`` with
+    ``outputs[i]``, so the average over the views is known in advance."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        self.outputs, self.rois = outputs, []
+
+    def pool(self, features, rois, image_sizes):
+        self.rois.append([r.clone() for r in rois])
+        return torch.cat(rois)
+
+    def predict(self, pooled):
+        assert len(pooled) == len(self.outputs[0])
+        return self.outputs[len(self.rois) - 1]
+
+    def parts(self):
+        return self.pool, (lambda x: x), self.predict
+
+
+def _two_images(demo_dir):
+    """Two 128x128 test images as tensors, with 2 and 1 fused boxes."""
+    paths = sorted((demo_dir / "test").glob("*.png"))[:2]
+    tensors = [
+        torch.from_numpy(load_rgb(str(p))).permute(2, 0, 1).float() / 255 for p in paths
+    ]
+    boxes = [
+        torch.tensor([[10.0, 20.0, 50.0, 60.0], [64.0, 0.0, 128.0, 40.0]]),
+        torch.tensor([[5.0, 5.0, 100.0, 90.0]]),
+    ]
+    labels = [torch.tensor([3, 7]), torch.tensor([1])]
+    return tensors, [(128, 128)] * 2, boxes, labels
+
+
+def test_soft_masks_are_averaged_over_the_views(mask_checkpoint, demo_dir):
+    """SOFT_AVG: each view's soft mask of the box's own class, mirrored back under
+    a flip, averaged."""
+    tensors, shapes, boxes, labels = _two_images(demo_dir)
+    n, classes, side = 3, 11, 4
+    ramp = torch.tensor([0.1, 0.3, 0.5, 0.7]).expand(n, side, side)  # along x
+    own = [torch.full((n, side, side), 0.2), torch.full((n, side, side), 0.6), ramp]
+    outputs = []
+    for probability in own:  # every other class says 0.99: it must not be read
+        view = torch.full((n, classes, side, side), 0.99)
+        view[torch.arange(n), torch.cat(labels)] = probability
+        outputs.append(torch.logit(view))
+    fake = _FakeBranch(outputs)
+    predictor = Predictor(mask_checkpoint, VIEWS, EnsembleConfig())
+    predictor.mask_branch = fake.parts()
+    with torch.inference_mode():
+        masks = predictor._instance_maps(tensors, shapes, boxes, labels)["masks"]
+    # views: as is, scale 160 (x1.25), flipped (the ramp comes back reversed)
+    expected = (0.2 + 0.6 + torch.tensor([0.7, 0.5, 0.3, 0.1])) / 3
+    assert [m.shape for m in masks] == [(2, side, side), (1, side, side)]
+    for mask in torch.cat(masks):
+        torch.testing.assert_close(mask, expected.expand(side, side), atol=1e-5, rtol=0)
+    # each view was asked about the fused boxes in its own pixels
+    for image, box in enumerate(boxes):
+        torch.testing.assert_close(fake.rois[0][image], box)
+        torch.testing.assert_close(fake.rois[1][image], box * 1.25)
+        torch.testing.assert_close(fake.rois[2][image], hflip_boxes(box, 128))
+
+
+def test_keypoint_heatmaps_are_averaged_over_the_views(keypoint_checkpoint, demo_dir):
+    """HM_AVG: each view's heatmaps, mirrored back and left/right swapped under a
+    flip, averaged."""
+    tensors, shapes, boxes, labels = _two_images(demo_dir)
+    n, side, flip = 3, 3, [0, 1, 3, 2]  # top, bottom, left, right
+    keypoint = torch.arange(4.0)[None, :, None, None].expand(n, 4, side, side)
+    x = torch.arange(float(side)).expand(n, 4, side, side)
+    outputs = [keypoint, 10 + keypoint, 100 * keypoint + x]  # the last: flipped
+    fake = _FakeBranch(outputs)
+    predictor = Predictor(
+        keypoint_checkpoint, VIEWS, EnsembleConfig(), keypoint_flip=flip
+    )
+    predictor.keypoint_branch = fake.parts()
+    with torch.inference_mode():
+        maps = predictor._instance_maps(tensors, shapes, boxes, labels)["keypoints"]
+    assert [m.shape for m in maps] == [(2, 4, side, side), (1, 4, side, side)]
+    # the flipped view's come back mirrored (x reversed) and left <-> right
+    back = 100 * torch.tensor(flip, dtype=torch.float32)[:, None, None]
+    back = back + torch.tensor([2.0, 1.0, 0.0])
+    expected = (2 * torch.arange(4.0)[:, None, None] + 10 + back) / 3
+    for heatmaps in torch.cat(maps):
+        torch.testing.assert_close(
+            heatmaps, expected.expand(4, side, side), atol=1e-5, rtol=0
+        )
 
 
 def test_flip_view_swaps_left_and_right_keypoints(keypoint_checkpoint, demo_dir):

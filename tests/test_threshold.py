@@ -174,3 +174,51 @@ def test_plot_marks_the_chosen_threshold(ray_local, tmp_path):
 def test_empty_table_is_harmless():
     table = ScoreTable(np.zeros(0, np.float32), np.zeros(0, np.int64), 0)
     assert evaluate_threshold(table, 0.5, np.array([0.0, 1.0]))["gap"] == 1.0
+
+
+def test_per_class_thresholds_pick_the_students_pseudo_labels(ray_local):
+    """{1: 0.3, 2: 0.8}: class 1 keeps scores >= 0.3, class 2 >= 0.8, class 3 (no
+    threshold) nothing; the kept boxes, masks and keypoints are those of the
+    student's training rows."""
+    from raydd.ingest import records_dataset
+    from raydd.student import pseudo_records
+
+    found = [(0.29, 1), (0.3, 1), (0.9, 1), (0.79, 2), (0.8, 2), (0.95, 3)]
+    frame = candidates([found, [(0.5, 2)]], errors=1)
+    n = len(found)
+    frame.at[0, schema.BOXES] = np.arange(4 * n, dtype=np.float32).reshape(n, 4)
+    frame[schema.MASKS] = [
+        np.array([f"m{i}" for i in range(len(s))]) for s in frame[schema.SCORES]
+    ]
+    frame[schema.KEYPOINTS] = [
+        np.full((len(s), 3), np.arange(len(s))[:, None], np.float32)
+        for s in frame[schema.SCORES]
+    ]
+    frame[schema.HEIGHT], frame[schema.WIDTH] = 64, 96
+    records = pseudo_records(frame, {1: 0.3, 2: 0.8})
+    kept = [1, 2, 4]  # 0.3 and 0.9 of class 1, 0.8 of class 2
+    # the unreadable image is left out; images left without boxes stay (background)
+    assert [r.path for r in records] == ["img0.png", "img1.png"]
+    assert records[0].labels.tolist() == [1, 1, 2]
+    np.testing.assert_array_equal(records[0].boxes, frame.at[0, schema.BOXES][kept])
+    assert records[0].masks.tolist() == [f"m{i}" for i in kept]
+    assert records[0].keypoints[:, 0].tolist() == kept
+    assert len(records[1].labels) == 0 and records[1].boxes.shape == (0, 4)
+    assert records[1].keypoints.shape == (0, 3) and len(records[1].masks) == 0
+    assert (records[0].height, records[0].width) == (64, 96)
+
+    rows = {r[schema.PATH]: r for r in records_dataset(records).take_all()}
+    assert rows["img0.png"][schema.LABELS].tolist() == [1, 1, 2]
+    np.testing.assert_array_equal(rows["img0.png"][schema.BOXES], records[0].boxes)
+    assert list(rows["img0.png"][schema.MASKS]) == ["m1", "m2", "m4"]
+    assert len(rows["img1.png"][schema.LABELS]) == 0
+
+
+def test_keypoint_candidates_of_an_image_without_detections():
+    from raydd.student import pseudo_records
+
+    frame = candidates([[]])
+    frame[schema.HEIGHT], frame[schema.WIDTH] = 64, 96
+    frame[schema.KEYPOINTS] = [np.zeros((0, 12), np.float32)]
+    (record,) = pseudo_records(frame, {1: 0.5})
+    assert len(record.labels) == 0 and len(record.keypoints) == 0

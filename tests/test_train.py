@@ -1,5 +1,7 @@
-"""Training: exact mixing from Ray Data, augmentation, schedules, Ray Train runs."""
+"""Training: seeded shuffling and exact mixing from Ray Data, augmentation,
+schedules, Ray Train runs."""
 
+import hashlib
 import json
 import os
 import signal
@@ -26,10 +28,13 @@ from raydd.data.coco import (
 )
 from raydd.data.demo import KEYPOINT_NAMES
 from raydd.ingest import (
+    DRAWS,
+    INDEX,
     LABELED,
     PSEUDO,
     Augment,
     RowStream,
+    Shuffle,
     next_batch,
     prepare,
     split_batch,
@@ -39,8 +44,6 @@ from raydd.masks import decode_rle
 from raydd.models import build_model
 from raydd.teacher import augment_for, labeled_training_records
 from raydd.train import TrainJob, _build, fit, lr_factor, scaling_config
-
-ROW_BATCH = 3  # Ray Data batches of the id datasets: not a divisor of the step sizes
 
 
 def _ids(ray, name, n):
@@ -83,17 +86,175 @@ def test_every_batch_has_the_labeled_share_over_an_epoch(
 
 def test_a_resumed_stream_continues_at_the_same_position(ray_local):
     data = _ids(ray_local, "x", 10)
-    first = RowStream(data.iterator(), 4)
-    taken = [r["path"] for _ in range(3) for r in first.take(4)]  # 12 = 1 epoch + 2
+    first = RowStream(data.iterator(), 4, shuffle=Shuffle(seed=3))
+    taken = [str(r["path"]) for r in first.take(12)]  # 1 epoch + 2
     assert first.position() == {"epoch": 1, "offset": 2}
-    resumed = RowStream(data.iterator(), 4, **first.position())
+    assert sorted(taken[:10]) == sorted(f"x-{i}" for i in range(10))
+    resumed = RowStream(data.iterator(), 4, **first.position(), shuffle=Shuffle(3))
     rest = [str(r["path"]) for r in resumed.take(8)]
-    # the rest of epoch 1 (8 rows, all different from its first 2), then epoch 2
-    assert len(set(rest)) == 8 and not set(rest) & {str(p) for p in taken[10:]}
-    assert resumed.position() == {"epoch": 1, "offset": 10}
-    assert resumed.take(1) and resumed.position() == {"epoch": 2, "offset": 1}
-    first.close()
-    resumed.close()
+    # exactly the rows the uninterrupted stream takes next: the rest of epoch 1
+    assert rest == [str(r["path"]) for r in first.take(8)]
+    assert sorted(taken[10:] + rest) == sorted(taken[:10])
+    assert resumed.position() == first.position() == {"epoch": 1, "offset": 10}
+    # a position at the very end of an epoch resumes with the next epoch
+    at_end = RowStream(data.iterator(), 4, **first.position(), shuffle=Shuffle(3))
+    assert [r["path"] for r in at_end.take(3)] == [r["path"] for r in first.take(3)]
+    assert at_end.position() == {"epoch": 2, "offset": 3}
+    for stream in (first, resumed, at_end):
+        stream.close()
+
+
+def test_every_epoch_is_a_new_permutation_sliced_across_workers():
+    size, world = 8, 3  # 9 slots: one row is repeated, as in DistributedSampler
+    for epoch in range(4):
+        slices = [Shuffle(5, LABELED, r, world).order(size, epoch) for r in range(3)]
+        assert [len(s) for s in slices] == [3, 3, 3]  # equal epochs on every worker
+        taken = np.concatenate(slices)
+        assert set(taken.tolist()) == set(range(size))
+    orders = [tuple(Shuffle(5, LABELED).order(size, e)) for e in range(6)]
+    assert sorted(orders[0]) == list(range(size))
+    assert len(set(orders)) == 6  # a new order every epoch
+    assert orders[0] == tuple(Shuffle(5, LABELED).order(size, 0))  # and repeatable
+    assert orders[0] != tuple(Shuffle(6, LABELED).order(size, 0))  # another seed
+    assert orders[0] != tuple(Shuffle(5, PSEUDO).order(size, 0))  # another set
+    # rank 0's share changes from epoch to epoch too
+    shares = {frozenset(Shuffle(5, LABELED, 0, 2).order(size, e)) for e in range(6)}
+    assert len(shares) > 1
+
+
+def test_a_rows_augmentation_depends_on_its_seed_not_its_batch(demo_dir):
+    _, records = _demo_records(demo_dir)
+    augment = Augment(
+        (64, 96), 128, 0.5, _flip_permutation(demo_dir), masks=True, keypoints=True
+    )
+    shuffle = Shuffle(seed=1, name=LABELED)
+    rows = [
+        _row(r) | {INDEX: i, DRAWS: shuffle.draws(epoch=0, index=i)}
+        for i, r in enumerate(records)
+    ]
+    together = _unbatch(augment(_batch(rows)))
+    alone = [_unbatch(augment(_batch([row])))[0] for row in reversed(rows)][::-1]
+    assert [_fingerprint(r) for r in together] == [_fingerprint(r) for r in alone]
+    assert [r[INDEX] for r in together] == list(range(len(rows)))
+    # the draws vary: two scales and mirrored or not, over 8 rows x 4 epochs
+    sizes = set()
+    for epoch in range(4):
+        for row in rows:
+            row = row | {DRAWS: shuffle.draws(epoch, row[INDEX])}
+            sizes.add(_unbatch(augment(_batch([row])))[0][schema.IMAGE].shape)
+    assert sizes == {(64, 64, 3), (96, 96, 3)}
+
+
+def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in rows[0]:
+        out[name] = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            out[name][i] = row[name]
+    out[schema.PATH] = out[schema.PATH].astype(str)
+    return out
+
+
+def _unbatch(batch: dict[str, np.ndarray]) -> list[dict]:
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch[schema.PATH]))]
+
+
+def _fingerprint(row: dict) -> tuple:
+    """A training row's path and a digest of everything else it carries."""
+    digest = hashlib.sha1()
+    for name in sorted(row):
+        if name not in (schema.PATH, "source"):
+            digest.update(name.encode() + np.ascontiguousarray(row[name]).tobytes())
+    return str(row[schema.PATH]), digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_sets(ray_local, demo_dir):
+    """The demo's labeled (8 images) and validation (6) splits as training sets,
+    with masks, keypoints, two scales and mirroring."""
+    categories, labeled = _demo_records(demo_dir)
+    pseudo = coco_records(
+        CocoSplit(str(demo_dir / "validation.json"), str(demo_dir / "validation")),
+        categories,
+        masks=True,
+        keypoints=True,
+    )
+    augment = Augment(
+        (64, 96), 128, 0.5, _flip_permutation(demo_dir), masks=True, keypoints=True
+    )
+    return {LABELED: prepare(labeled, augment), PSEUDO: prepare(pseudo, augment)}
+
+
+def _batches(sets, seed, steps, position=None):
+    """``steps`` minibatches of 3 labeled + 2 pseudo-labeled rows, and the streams'
+    positions after them."""
+    sizes = {LABELED: 3, PSEUDO: 2}
+    streams = {
+        name: RowStream(
+            sets[name].iterator(),
+            n,
+            **(position or {}).get(name, {}),
+            shuffle=Shuffle(seed, name),
+        )
+        for name, n in sizes.items()
+    }
+    batches = [next_batch(streams, sizes) for _ in range(steps)]
+    positions = {name: s.position() for name, s in streams.items()}
+    for stream in streams.values():
+        stream.close()
+    return batches, positions
+
+
+def _labeled_epochs(batches, size=8):
+    paths = [str(r[schema.PATH]) for b in batches for r in b if r["source"] == LABELED]
+    return [paths[i : i + size] for i in range(0, len(paths) - size + 1, size)]
+
+
+def test_a_seed_repeats_the_batches_and_epochs_are_reshuffled(demo_sets):
+    first, positions = _batches(demo_sets, seed=7, steps=20)
+    again, _ = _batches(demo_sets, seed=7, steps=20)
+    # (a) the same seed: the same rows, pixels, boxes, masks and keypoints
+    assert [[_fingerprint(r) for r in b] for b in first] == [
+        [_fingerprint(r) for r in b] for b in again
+    ]
+    # (d) every batch: exactly 3 labeled rows, then 2 pseudo-labeled ones
+    for batch in first:
+        assert [r["source"] for r in batch] == [LABELED] * 3 + [PSEUDO] * 2
+    # 60 labeled rows = 7 epochs of 8 + 4, 40 pseudo-labeled = 6 epochs of 6 + 4
+    assert positions == {
+        LABELED: {"epoch": 7, "offset": 4},
+        PSEUDO: {"epoch": 6, "offset": 4},
+    }
+    # (b) every epoch takes every image once, in a new order
+    epochs = _labeled_epochs(first)
+    assert len(epochs) == 7 and all(len(set(e)) == 8 for e in epochs)
+    assert all(set(e) == set(epochs[0]) for e in epochs)
+    assert all(a != b for a, b in zip(epochs, epochs[1:], strict=False))
+    # ... and draws new augmentations: an image does not look the same every epoch
+    looks = {}
+    for row in (r for b in first for r in b):
+        looks.setdefault(str(row[schema.PATH]), set()).add(_fingerprint(row)[1])
+    assert all(len(v) > 1 for v in looks.values())
+    # (c) another seed: another order, other draws
+    other, _ = _batches(demo_sets, seed=8, steps=20)
+    assert _labeled_epochs(other)[0] != epochs[0]
+    assert [_fingerprint(r) for r in other[0]] != [_fingerprint(r) for r in first[0]]
+
+
+def test_a_resumed_stream_takes_the_rows_of_the_uninterrupted_one(demo_sets):
+    # (e) 7 steps, then a new stream from the saved position: the same 13 next
+    # batches as one stream running 20 steps (its decoding pipelines are cut
+    # elsewhere, so this holds only because draws depend on (seed, epoch, row))
+    whole, _ = _batches(demo_sets, seed=7, steps=20)
+    head, position = _batches(demo_sets, seed=7, steps=7)
+    assert position == {
+        LABELED: {"epoch": 2, "offset": 5},
+        PSEUDO: {"epoch": 2, "offset": 2},
+    }
+    tail, _ = _batches(demo_sets, seed=7, steps=13, position=position)
+    assert [[_fingerprint(r) for r in b] for b in head + tail] == [
+        [_fingerprint(r) for r in b] for b in whole
+    ]
 
 
 def test_split_batch():
@@ -231,8 +392,10 @@ def test_models_train_from_demo_rows_with_finite_losses(
     augment = Augment(
         (96, 128), 128, 0.5, _flip_permutation(demo_dir), masks, keypoints
     )
-    rows = prepare([*records, empty], augment).take_all()
-    assert [len(r[schema.LABELS]) for r in rows][-1] == 0
+    stream = RowStream(prepare([*records, empty], augment).iterator(), 4)
+    rows = stream.take(4)  # one epoch: every image once, in a seeded order
+    stream.close()
+    assert sorted(len(r[schema.LABELS]) for r in rows)[0] == 0
     kwargs = {"num_keypoints": 4} if keypoints else {}
     if "rcnn" not in name:  # one-stage models take no RPN settings
         kwargs |= {"anchor_sizes": TINY_MODEL["kwargs"]["anchor_sizes"]}
@@ -273,25 +436,34 @@ def test_student_starts_from_pretrained_or_from_the_teacher(tmp_path, weights):
     config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
     categories = Categories((1, 2), ("a", "b"))
     teacher = build_model(config, categories.num_classes)
-    with torch.no_grad():
-        teacher.roi_heads.box_predictor.cls_score.weight.fill_(0.125)
+    with torch.no_grad():  # a teacher unlike any fresh model, in every tensor
+        for value in teacher.state_dict().values():
+            if value.is_floating_point():
+                value.add_(0.125)
     save_detector(tmp_path, teacher, config, categories)
     job = TrainJob(model=config, train=TrainConfig(), categories=categories)
 
     fine_tuned = _build(TrainJob(**{**job.__dict__, "init_from": str(tmp_path)}))
     retrained = _build(job)
-    head = "roi_heads.box_predictor.cls_score.weight"
-    assert (fine_tuned.state_dict()[head] == 0.125).all()
-    assert not (retrained.state_dict()[head] == 0.125).any()
+    ours = teacher.state_dict()
+    # init: teacher -- every tensor is the teacher's, box predictor included
+    for name, value in fine_tuned.state_dict().items():
+        assert torch.equal(value, ours[name]), name
+    # init: pretrained -- the ImageNet backbone and fresh heads, none the teacher's
+    fresh = retrained.state_dict()
+    for name in (
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "rpn.head.cls_logits.weight",
+        "backbone.body.0.0.weight",
+    ):
+        assert not torch.equal(fresh[name], ours[name]), name
+    imagenet = torch.load(weights, weights_only=True)["features.0.0.weight"]
+    assert torch.equal(fresh["backbone.body.0.0.weight"], imagenet)
     # both are built the same way: frozen batch norm, the same trainable stages
     for model in (fine_tuned, retrained):
         assert isinstance(model.backbone.body["1"].conv[0][1], FrozenBatchNorm2d)
         assert not model.backbone.body["1"].conv[0][0].weight.requires_grad
-    # and start from the same ImageNet backbone
-    first_conv = "backbone.body.0.0.weight"
-    torch.testing.assert_close(
-        retrained.state_dict()[first_conv], fine_tuned.state_dict()[first_conv]
-    )
 
 
 # --- real Ray Train runs ---------------------------------------------------------
@@ -351,23 +523,35 @@ def test_one_and_two_workers_give_the_same_kind_of_checkpoint(
     assert metrics[0]["step"] == metrics[1]["step"] == 4
 
 
-def _train_worker_pids() -> list[int]:
+def _recording_pids(loop, folder: Path):
+    """``loop``, first leaving its worker's pid in ``folder``: the test then kills
+    the workers of its own run, never another run's on the same machine. (A nested
+    function: cloudpickle sends it by value, the workers need not import tests.)"""
+
+    def recorded(config):
+        (folder / str(os.getpid())).touch()
+        loop(config)
+
+    return recorded
+
+
+def _is_train_worker(pid: int) -> bool:
     import psutil
 
-    return [
-        p.pid
-        for p in psutil.process_iter(["cmdline"])
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
-    ]
+    try:
+        return any("RayTrainWorker" in p for p in psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_its_checkpoint(
-    ray_local, demo_dir, weights, tmp_path
+    ray_local, demo_dir, weights, tmp_path, monkeypatch
 ):
     """SIGKILL the training worker after its first checkpoint: Ray Train restarts
     it (FailureConfig), the loop restores model, optimizer and data position, and
     the run ends with its final metrics."""
+    import raydd.train
 
     job, datasets = _student_run(
         demo_dir,
@@ -379,6 +563,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
             "student.max_failures=1",
         ],
     )
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setattr(
+        raydd.train, "train_loop", _recording_pids(raydd.train.train_loop, pids)
+    )
     killed = []
 
     def kill_after_a_checkpoint():
@@ -386,16 +575,20 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             if len(list((tmp_path / "ray_train" / "student").glob("checkpoint_*"))) > 1:
-                for pid in _train_worker_pids():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+                for pid in (int(p.name) for p in pids.iterdir()):
+                    if _is_train_worker(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     killer.start()
     path = fit(job, datasets, "student", tmp_path / "ray_train", tmp_path / "student")
     killer.join()
-    assert killed, "no training worker process was found to kill"
+    assert len(killed) == 1, "this run's training worker was not found to kill"
+    # the worker that finished the run is a new process, and it recorded itself
+    assert sorted(int(p.name) for p in pids.iterdir()) != killed
+    assert len(list(pids.iterdir())) == 2
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["step"] == 14
     assert meta["resumed_from"] in (4, 8, 12)  # from a checkpoint, not from step 0

@@ -16,7 +16,32 @@ VIEWS = [
 def test_invert_undoes_apply_on_boxes(view):
     boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0], [33.5, 12.25, 90.0, 70.0]])
     mapped = view.apply_boxes(boxes, 80, 120)
-    torch.testing.assert_close(view.invert_boxes(mapped, 80, 120), boxes)
+    back = view.invert_boxes(mapped, 80, 120)
+    torch.testing.assert_close(back, boxes, atol=1e-4, rtol=0)
+
+
+# A box [10, 5, 30, 25] of a 50x100 (height x width) image, worked out by hand in
+# each view: a scale multiplies, a flip of a view W wide maps x to W - x.
+BY_HAND = [
+    (View(), [10, 5, 30, 25]),
+    (View(hflip=True), [70, 5, 90, 25]),  # 100 wide
+    (View(scale=100), [20, 10, 60, 50]),  # x2: 100x200
+    (View(scale=100, hflip=True), [140, 10, 180, 50]),  # x2, then 200 wide
+    (View(scale=25, hflip=True), [35, 2.5, 45, 12.5]),  # x0.5, then 50 wide
+    (View(scale=100, max_size=150), [15, 7.5, 45, 37.5]),  # the cap: x1.5
+]
+
+
+@pytest.mark.parametrize("view,expected", BY_HAND, ids=[v.name for v, _ in BY_HAND])
+def test_boxes_land_where_the_view_puts_them_and_come_back(view, expected):
+    box = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    expected = torch.tensor([expected], dtype=torch.float32)
+    torch.testing.assert_close(
+        view.apply_boxes(box, 50, 100), expected, atol=1e-4, rtol=0
+    )
+    # a box predicted on the view at the hand-made place maps back to the original
+    back = view.invert_boxes(expected, 50, 100)
+    torch.testing.assert_close(back, box, atol=1e-4, rtol=0)
 
 
 def test_invert_of_empty_boxes_is_empty():
