@@ -19,6 +19,7 @@ from raydd.config import Config, ConfigError, load_config
 from raydd.layout import (
     CANDIDATES_DIR,
     EXPORT_FILE,
+    REPORT_FILE,
     STEPS,
     SUMMARY_FILE,
     THRESHOLD_FILE,
@@ -128,7 +129,7 @@ def _run(config: Config, args: argparse.Namespace) -> None:
         )
     )
     out = Path(config.output_dir)
-    print(f"summary: {out / SUMMARY_FILE}\nreport: {out / 'report.html'}")
+    print(f"summary: {out / SUMMARY_FILE}\nreport: {out / REPORT_FILE}")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from raydd import storage
 from raydd.storage import absolute as _absolute
 from raydd.storage import split_glob
 
@@ -546,8 +547,6 @@ def _check_storage_uri(uri: str | None) -> None:
 
 def _file_type(key: str, location: str) -> Any:
     """The kind of ``location`` (one request, no listing); errors name ``key``."""
-    from raydd import storage  # late: keeps `import raydd.config` light
-
     try:
         return storage.file_type(location)
     except (OSError, ValueError) as e:  # no credentials, unknown bucket, bad URI

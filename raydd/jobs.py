@@ -25,11 +25,10 @@ from pathlib import Path
 
 from raydd import storage
 from raydd.config import Config, ConfigError, load_config, parse_config
+from raydd.layout import SMOKE_DATA
 from raydd.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
-
-SMOKE_DATA = "smoke-data"  # under storage_uri: the smoke test's data, for every node
 
 
 def parse_args(

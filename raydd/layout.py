@@ -56,6 +56,7 @@ TUNE_DIR = "tune"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 EXPORT_FILE = "pseudo_labels.json"
+SMOKE_DATA = "smoke-data"  # jobs' --smoke-test with storage_uri: its demo data
 
 # summary.json: COCO box metrics (0..1) of each model on the test split (and of
 # "control", the labeled-only model on the student's schedule, when trained)
@@ -142,6 +143,13 @@ class Run:
         storage.copy(stored, str(local))
         logger.info("copied %s -> %s", stored, local)
         return True
+
+    def share(self, name: str) -> None:
+        """Uploads the local ``name`` when storage lacks it (a run that gained a
+        ``storage_uri`` after its first steps)."""
+        stored = self.stored(name)
+        if stored is not None and storage.file_type(stored) == pafs.FileType.NotFound:
+            self.upload(name)
 
     def mirror(self, name: str) -> None:
         """Refreshes the local copy of ``name`` from storage (what remote processes

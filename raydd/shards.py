@@ -95,6 +95,20 @@ def finished_shards(directory: str | Path, run_id: str) -> set[int]:
     return set()
 
 
+def publish_run(directory: str | Path, copy_to: str) -> None:
+    """Makes ``copy_to`` (storage) hold the run of ``directory`` only: the stored
+    parts of a different run are removed, then the run file is copied, so a new
+    head node that fetches ``copy_to`` resumes from the finished shards."""
+    local = Path(directory) / RUN_FILE
+    stored = storage.join(copy_to, RUN_FILE)
+    if storage.file_type(stored).name == "File":
+        if storage.read_bytes(stored) == local.read_bytes():
+            return
+        logger.warning("%s holds a different run's output: removing it", copy_to)
+    storage.delete_contents(copy_to)
+    storage.copy(str(local), stored)
+
+
 class ShardWriter:
     """Collects rows (any order) and writes each shard once all its rows arrived.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,13 @@ from raydd.layout import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def ray_is_up() -> bool:
+    """Whether this process is connected to Ray (never imports it: the checks
+    before any work stay light)."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 class MissingInput(ConfigError):
@@ -161,6 +169,7 @@ def check(config: Config, steps: Sequence[str]) -> None:
     for name in REGISTRY[steps[0]].inputs(config):
         if not run.fetch(name):
             raise MissingInput(run.local(name), writer_of(name))
+        run.share(name)  # workers read it from storage
     validate_names(config)
 
 
@@ -172,6 +181,10 @@ def run_step(config: Config, step: str) -> str:
         MissingInput: an earlier step's output is missing.
     """
     check(config, [step])
+    if ray_is_up():  # the Python API may join a cluster without storage
+        from raydd.runtime import require_storage_on_cluster
+
+        require_storage_on_cluster(config)
     run = Run.of(config)
     save_config(config, run.local(CONFIG_FILE))
     run.upload(CONFIG_FILE)
@@ -185,6 +198,7 @@ def run_step(config: Config, step: str) -> str:
 
 
 def _record_time(run: Run, step: str, seconds: float) -> None:
+    run.fetch(STEPS_FILE)  # the earlier steps' times, on a new head node
     path = run.local(STEPS_FILE)
     times = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**times, step: seconds}, indent=2))

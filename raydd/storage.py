@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -177,6 +178,17 @@ def identity(uri: str) -> dict[str, Any]:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(uri)
     return {"uri": uri, "size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def digest(uri: str) -> str:
+    """SHA-256 of the file's content (its identity whatever its mtime)."""
+    return hashlib.sha256(read_bytes(uri)).hexdigest()
+
+
+def delete_contents(uri: str) -> None:
+    """Removes everything under the folder or prefix ``uri`` (none: nothing)."""
+    fs, path = filesystem(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ waited for data go to Ray Train and to TensorBoard (``log_dir``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from tensorboardX import SummaryWriter
 
 from raydd import storage
 from raydd.checkpoint import load_state_dict, save_detector
-from raydd.config import CocoSplit, ModelConfig, TrainConfig, ViewConfig
+from raydd.config import CocoSplit, ModelConfig, TrainConfig, ViewConfig, to_dict
 from raydd.data.coco import Categories
 from raydd.evaluate import evaluate_model
 from raydd.ingest import (
@@ -54,6 +55,17 @@ from raydd.runtime import setup_logging
 
 logger = logging.getLogger(__name__)
 
+# settings a run's checkpoints stay valid under: a longer schedule (``iterations``)
+# continues a finished run; any other change starts a new run (TrainJob.run_name)
+RESUMABLE = (
+    "iterations",
+    "checkpoint_every",
+    "log_every",
+    "eval_every",
+    "max_failures",
+    "prefetch_batches",
+    "max_workers",
+)
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"  # the last metrics the run reported
 
@@ -107,6 +119,26 @@ class TrainJob:
     max_detections: int = 100
     log_dir: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def run_name(self, role: str) -> str:
+        """``role-<digest>`` of every setting the weights depend on (model, labeled
+        data, schedule but its length, thresholds...): launching the same settings
+        again resumes, other settings start a new run instead of resuming a stale
+        one (:data:`RESUMABLE`)."""
+        config = self.metadata.get("config", {})
+        identity = {
+            "model": to_dict(self.model),
+            "train": {
+                k: v for k, v in to_dict(self.train).items() if k not in RESUMABLE
+            },
+            "categories": to_dict(self.categories),
+            "labeled_share": self.labeled_share,
+            "init_from": self.init_from,
+            "labeled": config.get("data", {}).get("labeled"),
+            **{k: v for k, v in self.metadata.items() if k != "config"},
+        }
+        text = json.dumps(identity, sort_keys=True, default=str)
+        return f"{role}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 def _restore(
@@ -421,8 +453,9 @@ def fit(
         datasets: ``labeled`` and optionally ``pseudo`` training sets
             (:func:`raydd.ingest.prepare`); each worker takes its slice of every
             epoch.
-        name: the run name; launching the same name under the same ``storage_path``
-            again resumes from its latest checkpoint.
+        name: the role (``teacher``, ``student``, ``control``); the run is named
+            :meth:`TrainJob.run_name`, and launching the same settings under the
+            same ``storage_path`` again resumes from its latest checkpoint.
         storage_path: where Ray Train keeps checkpoints (local path or URI; on a
             multi-node cluster it must be storage every node reaches).
         export_to: directory that receives the final ``model.pt`` + ``metadata.json``
@@ -442,7 +475,7 @@ def fit(
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
-            name=name,
+            name=job.run_name(name),
             storage_path=storage.absolute(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -16,8 +16,8 @@ the driver (on the head) wrote to it, as on a real cluster whose nodes share no
 disk (everything else, the venv and /tmp included, stays shared). Every node has
 its own free ports and its own temp dir under the cluster's private root, and
 runs in its own process group; stopping ends exactly those groups and the Ray
-workers they started (never ``ray stop``, which would end every Ray on the
-machine).
+workers they started (never Ray's own stop command, which would end every Ray
+on the machine).
 
 ``S3Server`` runs ``moto_server`` on a free port of 127.0.0.1; its ``env``
 (``AWS_ENDPOINT_URL`` and fake credentials) makes ``pyarrow.fs.FileSystem.from_uri``,

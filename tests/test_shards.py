@@ -11,6 +11,7 @@ from raydd.shards import (
     finished_shards,
     make_plan,
     part_name,
+    publish_run,
 )
 
 
@@ -66,3 +67,23 @@ def test_a_rerun_resumes_but_a_different_run_starts_over(tmp_path):
     assert finished_shards(tmp_path, other) == set()
     assert not list(tmp_path.glob("part-*"))
     assert json.loads((tmp_path / RUN_FILE).read_text()) == {"run_id": other}
+
+
+def test_storage_holds_one_run_and_a_new_head_resumes_from_it(tmp_path):
+    """The stored copy gets the run file (so a head that fetches it keeps the
+    finished shards) and loses a different run's parts."""
+    local, stored = tmp_path / "local", tmp_path / "store" / "candidates"
+    stored.mkdir(parents=True)
+    (stored / part_name(7)).write_bytes(b"an older run's shard")
+    (stored / RUN_FILE).write_text(json.dumps({"run_id": "old"}))
+    assert finished_shards(local, "new") == set()
+    (local / part_name(0)).write_bytes(b"PAR1")
+    publish_run(local, f"file://{stored}")
+    assert sorted(p.name for p in stored.iterdir()) == [RUN_FILE]
+    (stored / part_name(0)).write_bytes(b"PAR1")  # what ShardWriter copies
+    publish_run(local, f"file://{stored}")  # the same run: nothing removed
+    fresh = tmp_path / "fresh-head"
+    fresh.mkdir()
+    for path in stored.iterdir():
+        (fresh / path.name).write_bytes(path.read_bytes())
+    assert finished_shards(fresh, "new") == {0}

@@ -38,7 +38,10 @@ def load_coco(annotations: str) -> COCO:
 
 
 def image_location(split: CocoSplit, file_name: str) -> str:
-    """Where a split's image ``file_name`` is (a local path or URI)."""
+    """Where a split's image ``file_name`` is (a local path or URI); an absolute
+    ``file_name`` (as ``raydd export`` writes) is that location itself."""
+    if "://" in file_name or file_name.startswith("/"):
+        return file_name
     return storage.join(split.images, file_name)
 
 
