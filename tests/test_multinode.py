@@ -68,8 +68,16 @@ def _outputs_in_storage(s3, run: str) -> set[str]:
     names = _stored(s3, run)
     for role in ("teacher", "student"):
         assert any(n.startswith(f"tensorboard/{role}/events.out") for n in names), names
-    for name in ("summary.json", "report.html", "student/model.pt", "teacher/model.pt"):
-        assert name in names, sorted(names)
+    for name in (
+        "summary.json",
+        "report.html",
+        "student/model.pt",
+        "teacher/model.pt",
+        "candidates/part-00000.parquet",
+        "candidates/_run.json",
+        "steps.json",
+    ):
+        assert name in names, sorted(names)  # fmt: skip
     return names
 
 

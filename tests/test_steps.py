@@ -51,3 +51,13 @@ def test_logging_shows_raydd_lines_once():
     )
     assert done.stderr.count("raydd.x: step 3/4") == 1, done.stderr
     assert "hidden" not in done.stderr
+
+
+def test_the_python_api_is_what_the_command_runs():
+    import raydd
+    from raydd import config, layout, runtime
+
+    assert raydd.run_step is steps.run_step and raydd.run_all is steps.run_all
+    assert raydd.load_config is config.load_config and raydd.STEPS == layout.STEPS
+    assert raydd.init_ray is runtime.init_ray
+    assert issubclass(raydd.MissingInput, raydd.ConfigError)
