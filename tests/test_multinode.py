@@ -77,7 +77,7 @@ def _outputs_in_storage(s3, run: str) -> set[str]:
         "candidates/_run.json",
         "steps.json",
     ):
-        assert name in names, sorted(names)  # fmt: skip
+        assert name in names, sorted(names)
     return names
 
 
