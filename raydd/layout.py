@@ -11,7 +11,7 @@ name                                 step         what
 ``steps.json``                       (any)        seconds each finished step took
 ``teacher/``                         teacher      ``model.pt`` + ``metadata.json``
 ``tensorboard/teacher/``             teacher      TensorBoard event files of training
-``ray_train/teacher/``               teacher      Ray Train's checkpoints (resume)
+``ray_train/teacher-<digest>/``      teacher      Ray Train's checkpoints (resume)
 ``candidates/part-*.parquet``        pseudo_label fused detections, one row per image
 ``validation_candidates/``           pseudo_label the same for the validation split
 ``errors.csv``                       pseudo_label inputs that could not be read

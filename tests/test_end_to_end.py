@@ -164,32 +164,3 @@ def test_zero_detections_flow_through_every_step(
     assert summary["images"]["pseudo_labeled"] == 10
     assert summary["teacher"] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
     assert read_metadata(tmp_path / "out" / "student")["pseudo_instances"] == 0
-
-
-@pytest.mark.slow
-def test_ray_job_entrypoint_smoke_test(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # start Ray
-    done = subprocess.run(
-        [
-            sys.executable,
-            "jobs/distill.py",
-            "--smoke-test",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["images"]["unlabeled"] == 24
-    assert "student - teacher" in done.stdout

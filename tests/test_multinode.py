@@ -81,12 +81,11 @@ def _outputs_in_storage(s3, run: str) -> set[str]:
     return names
 
 
-def _distill(cluster, s3, run: str, out: Path, data: str, weights: str) -> dict:
-    """Submits jobs/distill.py (data and weights where given, outputs to ``run`` in
-    the store, ``output_dir`` ``out`` on the head); checks the job and the outputs
-    in storage; returns the summary."""
-    config = _config(out.parent, tiny_config(data, out, weights), out.name)
-    entrypoint = f"python jobs/distill.py --config {config} storage_uri={run}"
+def _distill(cluster, s3, run: str, out: Path, source: str) -> dict:
+    """Submits ``jobs/distill.py SOURCE`` (``--config FILE`` or ``--smoke-test``)
+    with outputs to ``run`` in the store and ``output_dir`` ``out`` on the head;
+    checks the job and the outputs in storage; returns the summary."""
+    entrypoint = f"python jobs/distill.py {source} --output-dir {out} storage_uri={run}"
     status, logs = cluster.run(entrypoint, timeout=900)
     assert status == "SUCCEEDED", logs[-6000:]
     assert "distill done in" in logs and "student - teacher" in logs
@@ -106,7 +105,10 @@ def test_distill_with_shared_data_and_storage_in_a_bucket(
 ):
     cluster = multinode_cluster
     out = head_only_dir / "shared"
-    summary = _distill(cluster, s3_server, f"{bucket}/shared", out, demo_dir, weights)
+    config = _config(head_only_dir, tiny_config(demo_dir, out, weights), "shared")
+    summary = _distill(
+        cluster, s3_server, f"{bucket}/shared", out, f"--config {config}"
+    )
     assert summary["images"]["unlabeled"] == 10
     # the head's output_dir mirrors the store, TensorBoard files included
     assert list((out / "tensorboard" / "student").glob("events.out.*"))
@@ -116,27 +118,25 @@ def test_distill_with_shared_data_and_storage_in_a_bucket(
     assert _nodes_of(cluster, "Predictor") == {worker}
 
 
-def test_distill_with_data_only_in_the_bucket(
+def test_the_smoke_test_with_data_only_in_the_bucket(
     multinode_cluster,  # noqa: F811
     s3_server,  # noqa: F811
     head_only_dir,  # noqa: F811
     bucket,
-    demo_dir,
-    weights,
 ):
-    data, pth = f"{bucket}/data", f"{bucket}/weights/mobilenet_v2.pth"
-    storage.copy(str(demo_dir), data)
-    storage.copy(weights, pth)
-    out = head_only_dir / "bucket-only"
-    summary = _distill(multinode_cluster, s3_server, f"{bucket}/bucket-only", out,
-                       data, pth)  # fmt: skip
-    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["test"][
-        "images"
-    ].startswith("s3://")
+    """``--smoke-test`` with ``storage_uri`` copies its demo data and weights to the
+    bucket, and every split, image and weight file is read from there."""
+    run, out = f"{bucket}/smoke", head_only_dir / "smoke"
+    summary = _distill(multinode_cluster, s3_server, run, out, "--smoke-test")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    shared = f"{run}/smoke-data"
+    assert config["data"]["test"]["images"] == f"{shared}/data/test"
+    assert config["data"]["unlabeled"]["images"] == f"{shared}/data/unlabeled"
+    assert config["model"]["backbone_weights"].startswith(f"{shared}/mobilenet_v2")
     assert summary["images"] == {
-        "labeled": 8,
-        "unlabeled": 10,
-        "pseudo_labeled": 10,
+        "labeled": 16,
+        "unlabeled": 24,
+        "pseudo_labeled": 24,
         "errors": 0,
     }
 

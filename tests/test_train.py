@@ -568,13 +568,13 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
     monkeypatch.setattr(
         raydd.train, "train_loop", _recording_pids(raydd.train.train_loop, pids)
     )
-    killed = []
+    killed, run = [], tmp_path / "ray_train" / job.run_name("student")
 
     def kill_after_a_checkpoint():
         # a second checkpoint folder means the first one is registered with Ray Train
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if len(list((tmp_path / "ray_train" / "student").glob("checkpoint_*"))) > 1:
+            if len(list(run.glob("checkpoint_*"))) > 1:
                 for pid in (int(p.name) for p in pids.iterdir()):
                     if _is_train_worker(pid):
                         os.kill(pid, signal.SIGKILL)
