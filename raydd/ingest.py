@@ -106,6 +106,18 @@ def _dataset(rows: list[dict[str, Any]]) -> ray.data.Dataset:
     return ray.data.from_items(rows, override_num_blocks=blocks)
 
 
+def to_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows (one key set) as a Ray Data numpy batch: an object column per key, so
+    ragged arrays stay whole; ``path`` as strings."""
+    out = {}
+    for name in rows[0]:
+        out[name] = np.empty(len(rows), dtype=object)
+        for i, row in enumerate(rows):
+            out[name][i] = row[name]
+    out[schema.PATH] = out[schema.PATH].astype(str)
+    return out
+
+
 @dataclass(frozen=True)
 class Augment:
     """Ray Data stage: training rows -> decoded, resized, maybe mirrored rows.
@@ -146,13 +158,7 @@ class Augment:
         for i in range(len(batch[schema.PATH])):
             row = {k: v[i] for k, v in batch.items()}
             rows.append(self.row(row, np.random.default_rng(row[DRAWS].tolist())))
-        out = {}
-        for name in rows[0]:
-            out[name] = np.empty(len(rows), dtype=object)
-            for i, row in enumerate(rows):
-                out[name][i] = row[name]
-        out[schema.PATH] = out[schema.PATH].astype(str)
-        return out
+        return to_batch(rows)
 
     def row(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """One row: decode, resize to a drawn scale, mirror with ``hflip_prob``."""

@@ -38,6 +38,7 @@ from raydd.ingest import (
     next_batch,
     prepare,
     split_batch,
+    to_batch,
     to_device,
 )
 from raydd.masks import decode_rle
@@ -132,8 +133,8 @@ def test_a_rows_augmentation_depends_on_its_seed_not_its_batch(demo_dir):
         _row(r) | {INDEX: i, DRAWS: shuffle.draws(epoch=0, index=i)}
         for i, r in enumerate(records)
     ]
-    together = _unbatch(augment(_batch(rows)))
-    alone = [_unbatch(augment(_batch([row])))[0] for row in reversed(rows)][::-1]
+    together = _unbatch(augment(to_batch(rows)))
+    alone = [_unbatch(augment(to_batch([row])))[0] for row in reversed(rows)][::-1]
     assert [_fingerprint(r) for r in together] == [_fingerprint(r) for r in alone]
     assert [r[INDEX] for r in together] == list(range(len(rows)))
     # the draws vary: two scales and mirrored or not, over 8 rows x 4 epochs
@@ -141,18 +142,8 @@ def test_a_rows_augmentation_depends_on_its_seed_not_its_batch(demo_dir):
     for epoch in range(4):
         for row in rows:
             row = row | {DRAWS: shuffle.draws(epoch, row[INDEX])}
-            sizes.add(_unbatch(augment(_batch([row])))[0][schema.IMAGE].shape)
+            sizes.add(_unbatch(augment(to_batch([row])))[0][schema.IMAGE].shape)
     assert sizes == {(64, 64, 3), (96, 96, 3)}
-
-
-def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    out = {}
-    for name in rows[0]:
-        out[name] = np.empty(len(rows), dtype=object)
-        for i, row in enumerate(rows):
-            out[name][i] = row[name]
-    out[schema.PATH] = out[schema.PATH].astype(str)
-    return out
 
 
 def _unbatch(batch: dict[str, np.ndarray]) -> list[dict]:
