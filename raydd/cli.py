@@ -24,10 +24,9 @@ from raydd.layout import (
     SUMMARY_FILE,
     THRESHOLD_FILE,
     Run,
+    writer_of,
 )
 from raydd.steps import MissingInput, check, format_table, run_all, run_step
-
-logger = logging.getLogger("raydd")
 
 # The subcommand of each step of raydd.layout.STEPS (whose scripts are jobs/<step>.py)
 COMMANDS = {
@@ -97,9 +96,9 @@ def _export(config: Config, args: argparse.Namespace) -> None:
     from raydd.threshold import load_threshold, thresholds_by_label
 
     out, run = Path(config.output_dir), Run.of(config)
-    for name, step in ((CANDIDATES_DIR, "pseudo_label"), (THRESHOLD_FILE, "threshold")):
+    for name in (CANDIDATES_DIR, THRESHOLD_FILE):
         if not run.fetch(name):
-            raise MissingInput(run.local(name), step)
+            raise MissingInput(run.local(name), writer_of(name))
     candidates = read_candidates(out / CANDIDATES_DIR)
     used = thresholds_by_label(load_threshold(out), config.threshold.per_class)
     labeled = load_coco(config.data.labeled.annotations)

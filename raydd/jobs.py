@@ -16,7 +16,6 @@ on tiny demo data, so it succeeds on its own.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import typing
@@ -27,8 +26,6 @@ from raydd import storage
 from raydd.config import Config, ConfigError, load_config, parse_config
 from raydd.layout import SMOKE_DATA
 from raydd.runtime import setup_logging
-
-logger = logging.getLogger(__name__)
 
 
 def parse_args(
