@@ -1,12 +1,13 @@
 """Threshold search over 1,000,000 cached candidate detections (target: < 60 s).
 
 Synthetic candidates: 100,000 images x 10 per image, 10 classes, scores from a Beta
-mixture (confident true positives, diffident background), plus a pseudo-labeled
-validation split of 5,000 images for precision/recall. Times the full Ray Tune search
-(global + per-class + precision/recall, 41-point grid) and writes
-``benchmarks/results/threshold_search.json``.
+mixture (confident true positives, diffident background), written as 8 Parquet shards
+in step 2's layout, plus a pseudo-labeled validation split of 5,000 images for
+precision/recall. Times the whole step: one Ray Data pass over the shards into score
+histograms, then the Ray Tune search on them (global + per-class + precision/recall,
+41-point grid), and writes ``benchmarks/results/threshold_search.json``.
 
-    python benchmarks/threshold_search.py [--smoke] [--search grid|optuna]
+    python benchmarks/threshold_search.py [--smoke] [--images N] [--search grid|optuna]
 """
 
 from __future__ import annotations
@@ -21,32 +22,39 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import ray
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
 
 from raydd import schema
 from raydd.config import ThresholdConfig
-from raydd.threshold import ScoreTable, search_threshold
+from raydd.threshold import ScoreTable, score_histograms, search_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_candidates(
     images: int, per_image: int, classes: int, rng: np.random.Generator
-) -> pd.DataFrame:
+) -> pa.Table:
     n = images * per_image
     true = rng.random(n) < 0.35
     scores = np.where(true, rng.beta(8, 2, n), rng.beta(1.5, 6, n)).astype(np.float32)
     labels = rng.integers(1, classes + 1, n)
-    split = np.arange(per_image, n, per_image)
-    return pd.DataFrame(
+    offsets = pa.array(np.arange(0, n + 1, per_image, dtype=np.int32))
+    return pa.table(
         {
             schema.PATH: [f"img{i}.jpg" for i in range(images)],
-            schema.ERROR: "",
-            schema.SCORES: np.split(scores, split),
-            schema.LABELS: np.split(labels, split),
+            schema.ERROR: [""] * images,
+            schema.SCORES: pa.ListArray.from_arrays(offsets, scores),
+            schema.LABELS: pa.ListArray.from_arrays(offsets, labels),
         }
     )
+
+
+def write_shards(table: pa.Table, directory: Path, shards: int = 8) -> None:
+    step = -(-len(table) // shards)
+    for k in range(shards):
+        pq.write_table(table.slice(k * step, step), directory / f"part-{k}.parquet")
 
 
 def main() -> None:
@@ -54,13 +62,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--smoke", action="store_true", help="10,000 candidates")
+    parser.add_argument("--images", type=int, help="10 candidates each (100,000)")
     parser.add_argument("--search", default="grid", choices=["grid", "optuna"])
     parser.add_argument(
         "--results", default=str(ROOT / "benchmarks/results/threshold_search.json")
     )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    images = 1_000 if args.smoke else 100_000
+    images = args.images or (1_000 if args.smoke else 100_000)
     candidates = synthetic_candidates(images, 10, 10, rng)
     val_scores = rng.random(50_000).astype(np.float32)
     validation = ScoreTable(
@@ -73,13 +82,16 @@ def main() -> None:
     targets = np.array([0.0] + [0.35] * 10)  # 3.5 instances per labeled image
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
-    tic = time.perf_counter()
-    with tempfile.TemporaryDirectory() as storage:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(candidates, Path(tmp))
+        tic = time.perf_counter()
+        histograms = score_histograms(ray.data.read_parquet(tmp), len(targets))
+        pass_seconds = time.perf_counter() - tic
         result, _ = search_threshold(
-            candidates,
+            histograms,
             targets,
             ThresholdConfig(search=args.search, num_samples=41),
-            storage,
+            Path(tmp) / "tune",
             validation,
         )
     seconds = time.perf_counter() - tic
@@ -90,10 +102,12 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "command": "python benchmarks/threshold_search.py"
         + (" --smoke" if args.smoke else "")
+        + (f" --images {args.images}" if args.images else "")
         + f" --search {args.search}",
-        "candidates": int(sum(map(len, candidates[schema.SCORES]))),
+        "candidates": int(histograms.counts.sum()),
         "trials": result.trials,
         "seconds": round(seconds, 1),
+        "histogram_seconds": round(pass_seconds, 1),
         "threshold": result.threshold,
         "per_class": result.per_class,
         "precision": result.precision,

@@ -50,11 +50,11 @@ class UnlabeledSplit:
         root: folder that relative names in a list, manifest or COCO JSON are
             under; default: the folder holding that file.
         limit: use only the first ``limit`` images (after sorting a listing).
-        shard_size: images per output shard (one Parquet file each; the unit of
-            resumption).
-        num_shards: split the shards over this many independent jobs ...
-        shard_index: ... of which this job is number ``shard_index`` (0-based):
-            it labels the shards ``s`` with ``s % num_shards == shard_index``.
+        shard_size: images per output part of a list-like source (one Parquet
+            file each; the unit of work and resumption); a tar is one part.
+        num_shards: split the parts over this many independent jobs ...
+        shard_index: ... of which this job is number ``shard_index`` (0-based;
+            parts are split by name, :func:`raydd.shards.is_mine`).
     """
 
     images: str

@@ -12,7 +12,9 @@ name                                 step         what
 ``teacher/``                         teacher      ``model.pt`` + ``metadata.json``
 ``tensorboard/teacher/``             teacher      TensorBoard event files of training
 ``ray_train/teacher-<digest>/``      teacher      Ray Train's checkpoints (resume)
-``candidates/part-*.parquet``        pseudo_label fused detections, one row per image
+``candidates/part-<digest>.parquet`` pseudo_label fused detections, one row per
+                                                  image; ``_index.parquet`` names the
+                                                  run's parts
 ``validation_candidates/``           pseudo_label the same for the validation split
 ``errors.csv``                       pseudo_label inputs that could not be read
 ``thresholds.json``, ``.png``        threshold    the chosen score threshold(s)
@@ -80,10 +82,16 @@ STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# written straight to Run.shared(name) (by Ray Train's rank 0 wherever it runs, and
-# by Ray Tune), so the local copy is refreshed from storage, never uploaded
+# written straight to Run.shared(name) (by Ray Train's rank 0 wherever it runs, by
+# Ray Tune, by the pseudo-labeling actors), so the local copy is refreshed from
+# storage, never uploaded
 WRITTEN_TO_STORAGE = frozenset(
-    (TUNE_DIR, *(f"{TENSORBOARD_DIR}/{r}" for r in ("teacher", "student", "control")))
+    (
+        TUNE_DIR,
+        CANDIDATES_DIR,
+        VALIDATION_CANDIDATES_DIR,
+        *(f"{TENSORBOARD_DIR}/{r}" for r in ("teacher", "student", "control")),
+    )
 )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray.data
 
 from raydd import schema
 from raydd.config import Config, TrainConfig, single_view
@@ -45,7 +46,7 @@ from raydd.threshold import (
     match_ground_truth,
     plot_thresholds,
     save_threshold,
-    score_table,
+    score_histograms,
     search_threshold,
     thresholds_by_label,
 )
@@ -58,9 +59,14 @@ def labeled_records(config: Config) -> list[Record]:
     return coco_records(config.data.labeled, categories)
 
 
-def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResult:
+def choose_threshold(
+    config: Config, candidates: ray.data.Dataset | pd.DataFrame
+) -> ThresholdResult:
     """Step 3 with its outputs: ``thresholds.json``, ``thresholds.png`` and a table
-    in the log. Uses the pseudo-labeled validation split when there is one."""
+    in the log. Uses the pseudo-labeled validation split when there is one.
+
+    ``candidates`` (the unlabeled set's, one row per image) are read once, into
+    their score histograms (:func:`raydd.threshold.score_histograms`)."""
     out = Path(config.output_dir)
     categories = Categories.from_coco(load_coco(config.data.labeled.annotations))
     targets = class_rates(
@@ -71,8 +77,9 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
         truth = coco_records(config.data.validation, categories)
         found = read_candidates(out / VALIDATION_CANDIDATES_DIR)
         validation = match_ground_truth(found, truth)
+    histograms = score_histograms(candidates, categories.num_classes)
     result, trials = search_threshold(
-        candidates,
+        histograms,
         targets,
         config.threshold,
         Run.of(config).shared(TUNE_DIR),
@@ -80,9 +87,7 @@ def choose_threshold(config: Config, candidates: pd.DataFrame) -> ThresholdResul
     )
     save_threshold(result, out)
     plot_thresholds(trials, result, out / PLOT_FILE)
-    table = format_thresholds(
-        result, targets, score_table(candidates), list(categories.names)
-    )
+    table = format_thresholds(result, targets, histograms, list(categories.names))
     logger.info("thresholds (%d Ray Tune trials):\n%s", result.trials, table)
     return result
 

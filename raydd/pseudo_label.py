@@ -2,24 +2,28 @@
 
 ::
 
-    plan (path, shard, index) ──► load_batch (CPU: fetch, decode, downscale)
+    sources (driver: one row per source file, never one per image)
+        ──► plan_source (CPU tasks): read a manifest / list a folder / stream a tar,
+            cut it into parts, skip the parts already written
+        ──► load_batch (CPU: fetch, decode, downscale)
         ──► Predictor (actor pool, GPU if any): every view of a batch, detections
             mapped back and fused; masks / keypoints of the fused boxes averaged
             over the views
-        ──► ShardWriter (driver): part-00000.parquet, ... one per input shard
+        ──► PartWriter (one actor): each part, once whole, straight to storage
+    driver: a stats row per part written; at the end ``_index.parquet``
 
 Inference, inverse transforms and fusion of an image happen in one actor call: no
-shuffle or group-by crosses the cluster. Output shards are deterministic and written
-atomically, so a killed run re-started with the same config resumes
-(:mod:`raydd.shards`). Unreadable inputs keep their row, with the reason in
-``error``, and are listed in ``errors.csv``.
+shuffle or group-by crosses the cluster. Parts are named by their inputs and
+settings and written atomically, so a killed run started again resumes, and a crawl
+that grew keeps its finished parts (:mod:`raydd.shards`). Unreadable inputs keep
+their row, with the reason in ``error``, and are listed in ``errors.csv``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,6 @@ from raydd.config import (
     InferenceConfig,
     ViewConfig,
     to_dict,
-    unlabeled_files,
 )
 from raydd.data.coco import (
     image_paths,
@@ -55,18 +58,27 @@ from raydd.layout import CANDIDATES_DIR, ERRORS_FILE, VALIDATION_CANDIDATES_DIR,
 from raydd.masks import mask_rles
 from raydd.models import permissive_inference
 from raydd.shards import (
-    ShardWriter,
-    fingerprint,
-    finished_shards,
-    make_plan,
-    publish_run,
+    PART,
+    PartWriter,
+    index_name,
+    index_parts,
+    read_parts,
+    settings_digest,
+    write_index,
 )
-from raydd.sources import load_batch
+from raydd.sources import (
+    SOURCE,
+    inline_source,
+    load_batch,
+    plan_source,
+    source_parts,
+    sources,
+)
 from raydd.views import View
 
 logger = logging.getLogger(__name__)
 
-_NOT_WRITTEN = (schema.IMAGE, "bytes")
+_NOT_WRITTEN = (schema.IMAGE, "bytes", "data")
 
 
 def _detach_branch(model: nn.Module, kind: str) -> tuple[nn.Module, ...] | None:
@@ -328,9 +340,14 @@ def predict_dataset(
     inference: InferenceConfig,
     max_size: int | None = None,
     keypoint_flip: Sequence[int] | None = None,
+    model_stage: type | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Dataset of candidates of ``images``: URIs, or a dataset with a
-    ``path`` column (other columns pass through). One row per input row."""
+    ``path`` column (other columns pass through). One row per input row.
+
+    ``model_stage`` replaces :class:`Predictor` (same constructor arguments and
+    batch contract): ``benchmarks/scale.py`` measures the data plane with a
+    detector that returns fixed boxes."""
     pool = plan_pool(inference)
     if not isinstance(images, ray.data.Dataset):
         images = ray.data.from_items([{schema.PATH: p} for p in images])
@@ -338,7 +355,7 @@ def predict_dataset(
         load_batch, fn_kwargs={"max_size": max_size}, batch_size=inference.batch_size
     )
     return ds.map_batches(
-        Predictor,
+        model_stage or Predictor,
         fn_constructor_kwargs=dict(
             checkpoint=checkpoint,
             views=list(views),
@@ -356,83 +373,198 @@ def predict_dataset(
 
 @dataclass(frozen=True)
 class LabelingResult:
-    candidates: str
+    candidates: str  # the candidates location (its index names the parts)
     images: int
     errors: pd.DataFrame  # ``uri``, ``reason`` of the inputs that could not be read
-    skipped_shards: int
+    skipped_parts: int  # parts finished by an earlier run
+    written_parts: int
     seconds: float
+    first_part_seconds: float | None  # from the start to the first part written
 
 
-def label_images(
-    uris: Sequence[str],
+MAX_PASSES = 3  # a part whose rows were lost (a writer actor died) is redone
+
+
+def labeling_settings(checkpoint: str, config: Config) -> str:
+    """The digest of everything a candidate row depends on (names the parts)."""
+    return settings_digest(
+        {
+            "teacher": storage.digest(storage.join(checkpoint, MODEL_FILE)),
+            "views": [to_dict(v) for v in config.views],
+            "ensemble": to_dict(config.ensemble),
+            "inference": {
+                "score_floor": config.inference.score_floor,
+                "max_image_size": max_image_size(config),
+            },
+        }
+    )
+
+
+def label_sources(
+    sources: Sequence[dict[str, Any]],
     checkpoint: str,
     config: Config,
     directory: str | Path,
     num_shards: int = 1,
     shard_index: int = 0,
-    copy_to: str | None = None,
+    model_stage: type | None = None,
 ) -> LabelingResult:
-    """Labels ``uris`` into ``directory/part-*.parquet``, resuming a killed run.
+    """Labels ``sources`` (rows of :func:`raydd.sources.sources`) into parts in
+    ``directory`` (a folder or URI), resuming any earlier run.
 
-    Shards finished by an earlier run with the same inputs, teacher and settings are
-    skipped; the rest stream through :func:`predict_dataset` and are written as they
-    complete (and copied to ``copy_to``, the durable storage, one by one).
+    The driver holds one row per source and, at the end, one per part: the
+    sources are read, planned into parts, labeled and written on the cluster
+    (:func:`raydd.sources.plan_source` -> :func:`predict_dataset` ->
+    :class:`raydd.shards.PartWriter`). A pass that leaves a part missing (its
+    rows were lost with an actor) is followed by another, up to
+    :data:`MAX_PASSES`; the run ends with ``_index.parquet`` naming its parts.
     """
     start = time.perf_counter()
-    shard_size = config.data.unlabeled.shard_size
-    settings = {
-        "teacher": storage.digest(storage.join(checkpoint, MODEL_FILE)),
-        "views": [to_dict(v) for v in config.views],
-        "ensemble": to_dict(config.ensemble),
-        "inference": {
-            "score_floor": config.inference.score_floor,
-            "max_image_size": max_image_size(config),
-        },
-        "shard_size": shard_size,
-    }
-    done = finished_shards(directory, fingerprint(uris, settings))
-    if copy_to is not None:
-        publish_run(directory, copy_to)
-    plan = make_plan(uris, shard_size, num_shards, shard_index)
-    shards = plan.column("shard").to_numpy()
-    todo = sorted(set(np.unique(shards).tolist()) - done)
-    logger.info(
-        "pseudo-labeling %d images (%d shards to do, %d already done) with %d views",
-        len(plan),
-        len(todo),
-        len(set(shards.tolist()) & done),
-        len(config.views),
+    directory = storage.absolute(directory)
+    split = config.data.unlabeled
+    plan = dict(
+        settings=labeling_settings(checkpoint, config),
+        directory=directory,
+        shard_size=split.shard_size,
+        column=split.column,
+        root=split.root,
+        num_shards=num_shards,
+        shard_index=shard_index,
     )
-    if todo:
-        # the plan is sorted by shard: each shard is one contiguous slice
-        starts = np.searchsorted(shards, todo, side="left")
-        ends = np.searchsorted(shards, todo, side="right")
-        blocks = [plan.slice(a, b - a) for a, b in zip(starts, ends, strict=True)]
-        sizes = dict(zip(todo, ends - starts, strict=True))
-        writer = ShardWriter(directory, sizes, copy_to)
-        found = predict_dataset(
-            ray.data.from_arrow(blocks),  # one block per shard: parallel reads
-            checkpoint,
-            config.views,
-            config.ensemble,
-            config.inference,
-            max_size=max_image_size(config),
-            keypoint_flip=_keypoint_flip(config),
+    parts = list_parts(sources, plan)
+    logger.info(
+        "pseudo-labeling %d sources with %d views (%d parts already done)",
+        len(sources),
+        len(config.views),
+        int(parts["done"].sum()),
+    )
+    written, first = 0, None
+    for _ in range(MAX_PASSES):
+        if parts["done"].all():
+            break
+        for row in _label_pass(sources, plan, checkpoint, config, model_stage):
+            written += 1
+            first = first or time.perf_counter() - start
+            logger.info(
+                "wrote %s (%d images, %d unreadable, %.1f s); %d parts this run",
+                row[PART],
+                row["images"],
+                row["errors"],
+                row["seconds"],
+                written,
+            )
+        parts = list_parts(sources, plan)
+    if not parts["done"].all():
+        missing = parts.loc[~parts["done"], SOURCE].unique().tolist()
+        raise RuntimeError(
+            f"parts of {len(missing)} sources still missing after "
+            f"{MAX_PASSES} passes: {missing[:5]}"
         )
-        for table in found.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(table)
-        writer.close()
-    table = read_candidates(directory, columns=[schema.PATH, schema.ERROR])
-    errors = table[table[schema.ERROR] != ""].rename(
-        columns={schema.PATH: "uri", schema.ERROR: "reason"}
+    index = parts.loc[parts[PART] != "", [PART, SOURCE, "images"]]
+    write_index(directory, index, index_name(num_shards, shard_index))
+    logger.info(
+        "candidates: %d parts (%d written now, %d done before), %d images",
+        len(index),
+        written,
+        len(index) - written,
+        index["images"].sum(),
     )
     return LabelingResult(
-        str(directory),
-        len(table),
-        errors.reset_index(drop=True),
-        len(set(shards.tolist()) & done),
+        directory,
+        int(index["images"].sum()),
+        _errors(directory) if len(index) else _errors_frame(),
+        len(index) - written,
+        written,
         time.perf_counter() - start,
+        first,
     )
+
+
+def list_parts(sources: Sequence[dict[str, Any]], plan: dict[str, Any]) -> pd.DataFrame:
+    """``part``, ``source``, ``images``, ``done`` of the sources' parts (one Ray
+    Data pass: the records and HEAD requests are made on the cluster)."""
+    if not sources:
+        return pd.DataFrame({PART: [], SOURCE: [], "images": [], "done": []})
+    found = _sources_dataset(sources).map_batches(
+        source_parts, fn_kwargs=plan, batch_size=1
+    )
+    return found.to_pandas()
+
+
+def _sources_dataset(sources: Sequence[dict[str, Any]]) -> ray.data.Dataset:
+    return ray.data.from_items(
+        list(sources), override_num_blocks=min(len(sources), 4096)
+    )
+
+
+def _label_pass(
+    sources: Sequence[dict[str, Any]],
+    plan: dict[str, Any],
+    checkpoint: str,
+    config: Config,
+    model_stage: type | None = None,
+) -> Iterator[dict[str, Any]]:
+    """One streaming pass: the stats row of each part written, as it is."""
+    # half a CPU: reading a source is I/O, and other resources than the next
+    # stages' keep Ray Data from fusing it into the Predictor actors
+    # blocks of one inference batch: a source's rows stream on as they are read
+    # (not as one block at the end of a manifest or a tar), so parts finish early
+    images = (
+        _sources_dataset(sources)
+        .map_batches(plan_source, fn_kwargs=plan, batch_size=1, num_cpus=0.5)
+        .repartition(target_num_rows_per_block=config.inference.batch_size)
+    )
+    found = predict_dataset(
+        images,
+        checkpoint,
+        config.views,
+        config.ensemble,
+        config.inference,
+        max_size=max_image_size(config),
+        keypoint_flip=_keypoint_flip(config),
+        model_stage=model_stage,
+    )
+    written = found.map_batches(
+        PartWriter,
+        fn_constructor_kwargs={"directory": plan["directory"]},
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0,
+    )
+    yield from written.iter_rows()
+
+
+def candidates_dataset(
+    directory: str | Path, columns: Sequence[str] | None = None
+) -> ray.data.Dataset:
+    """The candidate parts named by ``directory``'s index, as a lazy Ray Dataset
+    (read on the cluster; nothing is collected on the driver)."""
+    uris = index_parts(storage.absolute(directory))
+    if not uris:
+        raise FileNotFoundError(f"no candidate parts in {directory}")
+    fs, _ = storage.filesystem(uris[0])
+    return ray.data.read_parquet(
+        [storage.filesystem(u)[1] for u in uris],
+        filesystem=fs,
+        columns=list(columns) if columns else None,
+    )
+
+
+def _errors_frame() -> pd.DataFrame:
+    return pd.DataFrame({"uri": pd.Series(dtype=str), "reason": pd.Series(dtype=str)})
+
+
+def _errors(directory: str) -> pd.DataFrame:
+    """``uri``, ``reason`` of the unreadable inputs (only those reach the driver)."""
+    rows = candidates_dataset(directory, [schema.PATH, schema.ERROR]).filter(
+        expr=f"{schema.ERROR} != ''"
+    )
+    frame = rows.to_pandas()
+    if frame.empty:
+        return _errors_frame()
+    frame = frame.rename(columns={schema.PATH: "uri", schema.ERROR: "reason"})
+    return frame.sort_values("uri", ignore_index=True)
 
 
 def _keypoint_flip(config: Config) -> list[int] | None:
@@ -449,38 +581,35 @@ class PseudoLabelResult:
 
 
 def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
-    """Runs the teacher with every view on the unlabeled set; writes Parquet candidates.
+    """Runs the teacher with every view on the unlabeled set; writes Parquet parts.
 
-    Writes ``OUTPUT_DIR/candidates/part-*.parquet`` (resuming an interrupted run with
-    the same settings, from ``storage_uri`` too: each part is copied there as soon as
-    it is written) and ``errors.csv`` (``uri``, ``reason``) of the inputs that
-    could not be read or decoded. With a validation split, its images are labeled the
-    same way into ``OUTPUT_DIR/validation_candidates`` (by shard 0's job only).
+    Writes the parts to ``candidates/`` of the run's shared location (storage when
+    set: a new head node resumes from there), with ``_index.parquet``, and
+    ``OUTPUT_DIR/errors.csv`` (``uri``, ``reason``) of the inputs that could not be
+    read or decoded. With a validation split, its images are labeled the same way
+    into ``validation_candidates/`` (by shard 0's job only).
     """
     start = time.perf_counter()
-    output, run = Path(config.output_dir), Run.of(config)
+    run = Run.of(config)
     split = config.data.unlabeled
-    uris = unlabeled_files(split)
-    if not uris:
-        raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
-    run.fetch(CANDIDATES_DIR)  # a new head node resumes from the stored shards
-    result = label_images(
-        uris,
+    result = label_sources(
+        sources(split),
         teacher_checkpoint,
         config,
-        output / CANDIDATES_DIR,
+        run.shared(CANDIDATES_DIR),
         split.num_shards,
         split.shard_index,
-        copy_to=run.stored(CANDIDATES_DIR),
     )
-    result.errors.to_csv(output / ERRORS_FILE, index=False)
+    if result.images == 0:
+        raise ConfigError(f"data.unlabeled.images matches no files: {split.images}")
+    run.local(ERRORS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    result.errors.to_csv(run.local(ERRORS_FILE), index=False)
     if config.data.validation is not None and split.shard_index == 0:
-        label_images(
-            image_paths(config.data.validation),
+        label_sources(
+            [inline_source("validation", image_paths(config.data.validation))],
             teacher_checkpoint,
             config,
-            output / VALIDATION_CANDIDATES_DIR,
-            copy_to=run.stored(VALIDATION_CANDIDATES_DIR),
+            run.shared(VALIDATION_CANDIDATES_DIR),
         )
     return PseudoLabelResult(
         result.candidates,
@@ -493,6 +622,7 @@ def pseudo_label(config: Config, teacher_checkpoint: str) -> PseudoLabelResult:
 def read_candidates(
     directory: str | Path, columns: Sequence[str] | None = None
 ) -> pd.DataFrame:
-    """Reads the candidates Parquet written by :func:`pseudo_label`, sorted by path."""
-    frame = pd.read_parquet(directory, columns=list(columns) if columns else None)
-    return frame.sort_values(schema.PATH, ignore_index=True)
+    """The candidates of a labeling run (the parts its index names) as one pandas
+    frame, sorted by path: for runs that fit in memory (tests, reports, demos)."""
+    table = read_parts(index_parts(storage.absolute(directory)), columns)
+    return table.to_pandas().sort_values(schema.PATH, ignore_index=True)

@@ -84,8 +84,10 @@ def _candidates(config: Config) -> Any:
 
 def _threshold(config: Config) -> str:
     from raydd.pipeline import choose_threshold
+    from raydd.pseudo_label import candidates_dataset
 
-    result = choose_threshold(config, _candidates(config))
+    parts = candidates_dataset(Run.of(config).shared(CANDIDATES_DIR))  # read once
+    result = choose_threshold(config, parts)
     return (
         f"threshold {result.threshold:.4f}: {result.pseudo_instances_per_image:.3f} "
         f"instances per unlabeled image vs {result.labeled_instances_per_image:.3f} "

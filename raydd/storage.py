@@ -137,12 +137,31 @@ def file_type(uri: str) -> pafs.FileType:
     return fs.get_file_info(path).type
 
 
+# a file inside a tar archive: "<tar URI>#<offset>+<size>/<member name>", read with
+# one ranged request (no listing, no reading the tar up to it)
+_MEMBER = re.compile(r"^(?P<tar>.+\.tar)#(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$")
+
+
+def member_uri(tar: str, name: str, offset: int, size: int) -> str:
+    """The URI of the member ``name`` of the tar archive ``tar`` whose data starts at
+    byte ``offset`` and is ``size`` bytes long (:func:`read_bytes` reads it)."""
+    return f"{tar}#{offset}+{size}/{name}"
+
+
 def read_bytes(uri: str) -> bytes:
-    """The whole content of the file at ``uri``.
+    """The whole content of the file at ``uri`` (or of a tar member, see
+    :func:`member_uri`).
 
     Raises:
         FileNotFoundError: no file there; other ``OSError`` s from the filesystem.
     """
+    if (member := _MEMBER.match(uri)) is not None:
+        fs, path = filesystem(member["tar"])
+        with fs.open_input_file(path) as f:
+            data = f.read_at(int(member["size"]), int(member["offset"]))
+        if len(data) != int(member["size"]):
+            raise OSError(f"{member['tar']} ends before {uri}")
+        return data
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -159,6 +178,27 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Writes ``data`` so that ``uri`` is either absent or complete, whatever kills
+    the writer: an object store's PUT is atomic; a local file is written under a
+    hidden name and renamed."""
+    fs, path = filesystem(uri)
+    if fs.type_name != "local":
+        write_bytes(uri, data)
+        return
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def exists(uri: str) -> bool:
+    """Whether a file is at ``uri`` (one HEAD-like request)."""
+    return file_type(uri) == pafs.FileType.File
 
 
 def copy(source: str, destination: str) -> None:

@@ -1,8 +1,11 @@
+import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -30,12 +33,13 @@ from raydd.pseudo_label import (
     CANDIDATES_DIR,
     ERRORS_FILE,
     Predictor,
-    label_images,
+    label_sources,
     predict_dataset,
     pseudo_label,
     read_candidates,
 )
-from raydd.shards import part_name
+from raydd.sources import sources
+from raydd.storage import read_bytes
 from raydd.teacher import TEACHER_DIR
 from raydd.views import View, hflip_boxes
 
@@ -373,31 +377,97 @@ def _config(demo_dir, out, weights, **unlabeled):
     return raw
 
 
-def test_deterministic_shards_and_a_rerun_skips_them(
+def _parts(out):
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+
+
+def test_parts_are_named_by_their_inputs_and_appending_keeps_finished_ones(
     ray_local, checkpoint, demo_dir, weights, tmp_path
 ):
-    config = parse_config(_config(demo_dir, tmp_path / "out", weights, shard_size=3))
+    listing = tmp_path / "list.txt"
     uris = sorted(str(p) for p in (demo_dir / "unlabeled").glob("*.png"))
+    listing.write_text("\n".join(uris))
+    raw = _config(demo_dir, tmp_path / "out", weights, shard_size=3)
+    raw["data"]["unlabeled"]["images"] = str(listing)
+    config = parse_config(raw)
     out = tmp_path / "out" / CANDIDATES_DIR
-    first = label_images(uris, checkpoint, config, out)
-    parts = sorted(p.name for p in out.glob("part-*.parquet"))
-    assert parts == [part_name(s) for s in range(4)]  # 10 images, 3 per shard
-    assert first.images == 10 and first.skipped_shards == 0
-    for shard, name in enumerate(parts):  # each shard holds its images in order
-        assert (
-            list(pd.read_parquet(out / name)[schema.PATH])
-            == uris[3 * shard : 3 * shard + 3]
+    first = label_sources(sources(config.data.unlabeled), checkpoint, config, out)
+    assert (first.images, first.written_parts, first.skipped_parts) == (10, 4, 0)
+    written = _parts(out)
+    assert len(written) == 4  # 10 images, 3 per part
+    for part in written:  # each part holds its own run of the list, in order
+        paths = list(pd.read_parquet(out / part)[schema.PATH])
+        assert paths == uris[uris.index(paths[0]) : uris.index(paths[0]) + len(paths)]
+    assert list(read_candidates(out)[schema.PATH]) == uris
+
+    again = label_sources(sources(config.data.unlabeled), checkpoint, config, out)
+    assert (again.written_parts, again.skipped_parts, again.images) == (0, 4, 10)
+    assert _parts(out) == written  # nothing rewritten
+
+    # a crawl that grew: two more lines; only the last (now fuller) part is new
+    listing.write_text("\n".join(uris + uris[:2]))
+    grown = label_sources(sources(config.data.unlabeled), checkpoint, config, out)
+    assert (grown.written_parts, grown.skipped_parts, grown.images) == (1, 3, 12)
+    after = _parts(out)
+    assert {k: after[k] for k in written} == written  # old parts kept, untouched
+    assert len(after) == 5 and len(read_candidates(out)) == 12  # the index: 4 parts
+
+    # other settings: new parts, and the old ones are still there
+    other = parse_config({**raw, "views": [{}]})
+    fresh = label_sources(sources(other.data.unlabeled), checkpoint, other, out)
+    assert (fresh.written_parts, fresh.skipped_parts) == (4, 0)
+    assert set(written) <= set(_parts(out)) and len(_parts(out)) == 9
+
+
+def _tar(path, files, extra=True):
+    """A WebDataset shard: each image with a .json metadata member."""
+    with tarfile.open(path, "w") as tar:
+        for i, file in enumerate(files):
+            tar.add(file, arcname=f"{i:06d}{file.suffix}")
+            if extra:
+                meta = json.dumps({"source": file.name}).encode()
+                info = tarfile.TarInfo(f"{i:06d}.json")
+                info.size = len(meta)
+                tar.addfile(info, io.BytesIO(meta))
+
+
+def test_webdataset_tars_and_sharded_manifests_are_read_on_the_cluster(
+    ray_local, checkpoint, demo_dir, weights, tmp_path
+):
+    files = sorted((demo_dir / "unlabeled").glob("*.png"))
+    (tmp_path / "tars").mkdir()
+    _tar(tmp_path / "tars" / "shard-0.tar", files[:6])
+    _tar(tmp_path / "tars" / "shard-1.tar", files[6:])
+    raw = _config(demo_dir, tmp_path / "out", weights)
+    raw["data"]["unlabeled"]["images"] = str(tmp_path / "tars" / "*.tar")
+    config = parse_config(raw)
+    assert [s["kind"] for s in sources(config.data.unlabeled)] == ["tar", "tar"]
+    out = tmp_path / "out" / CANDIDATES_DIR
+    result = label_sources(sources(config.data.unlabeled), checkpoint, config, out)
+    assert (result.images, result.written_parts, len(result.errors)) == (10, 2, 0)
+    frame = read_candidates(out)
+    assert len(frame) == 10 and (frame[schema.ERROR] == "").all()  # .json skipped
+    for path in frame[schema.PATH]:  # a member URI reads the member's bytes
+        name = path.rsplit("/", 1)[-1]
+        original = files[int(name[:6]) + (6 if "shard-1" in path else 0)]
+        assert read_bytes(path) == original.read_bytes()
+
+    (tmp_path / "manifest").mkdir()
+    for i, chunk in enumerate((files[:4], files[4:])):
+        pd.DataFrame({"url": [f.name for f in chunk]}).to_parquet(
+            tmp_path / "manifest" / f"part-{i}.parquet"
         )
-    mtimes = {p: (out / p).stat().st_mtime_ns for p in parts}
-    again = label_images(uris, checkpoint, config, out)
-    assert again.skipped_shards == 4 and again.images == 10
-    assert {p: (out / p).stat().st_mtime_ns for p in parts} == mtimes
-    # other settings: the old shards are not mixed in
-    other = parse_config(
-        {**_config(demo_dir, tmp_path / "out", weights, shard_size=3), "views": [{}]}
+    raw["data"]["unlabeled"].update(
+        images=str(tmp_path / "manifest" / "*.parquet"),
+        column="url",
+        root=str(files[0].parent),
+        shard_size=3,
     )
-    assert label_images(uris[:4], checkpoint, other, out).skipped_shards == 0
-    assert sorted(p.name for p in out.glob("part-*")) == [part_name(0), part_name(1)]
+    config = parse_config(raw)
+    out = tmp_path / "out2" / CANDIDATES_DIR
+    result = label_sources(sources(config.data.unlabeled), checkpoint, config, out)
+    assert (result.images, result.written_parts) == (10, 4)  # 4 -> 3+1, 6 -> 3+3
+    assert sorted(read_candidates(out)[schema.PATH]) == [str(f) for f in files]
 
 
 def _odd_images(folder):
@@ -496,9 +566,11 @@ def test_a_killed_run_resumes_with_one_row_per_image(
 
     second = subprocess.run(command, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{len(survivors)} already done" in second.stderr
-    parts = sorted(out.glob("part-*.parquet"))
-    assert [p.name for p in parts] == [part_name(s) for s in range(15)]
+    assert f"({len(survivors)} parts already done)" in second.stderr
+    assert f"{15 - len(survivors)} written now, {len(survivors)} done before" in (
+        second.stderr
+    )
+    assert len(list(out.glob("part-*.parquet"))) == 15
     for name, mtime in survivors.items():  # finished shards were not redone
         assert (out / name).stat().st_mtime_ns == mtime
     frame = read_candidates(out)

@@ -1,89 +1,79 @@
-import json
-
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from raydd.shards import (
-    RUN_FILE,
-    ShardWriter,
-    fingerprint,
-    finished_shards,
-    make_plan,
+    INDEX,
+    PART,
+    PART_ROWS,
+    PartWriter,
+    index_parts,
+    is_mine,
     part_name,
-    publish_run,
+    part_stats,
+    settings_digest,
+    write_index,
 )
 
 
-def _rows(plan: pa.Table, rows: list[int]) -> pa.Table:
-    return plan.take(rows).append_column("value", pa.array([f"v{i}" for i in rows]))
+def _rows(part: str, indices: list[int], total: int, error: str = "") -> pa.Table:
+    return pa.table(
+        {
+            "path": [f"/img/{part[:8]}-{i}.jpg" for i in indices],
+            "error": [error] * len(indices),
+            PART: [part] * len(indices),
+            INDEX: indices,
+            PART_ROWS: [total] * len(indices),
+        }
+    )
 
 
-def test_plan_cuts_the_input_into_shards_and_splits_shards_between_jobs():
-    uris = [f"/img/{i}.jpg" for i in range(10)]
-    plan = make_plan(uris, shard_size=3)
-    assert plan.column("shard").to_pylist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
-    second = make_plan(uris, shard_size=3, num_shards=2, shard_index=1)
-    assert second.column("path").to_pylist() == uris[3:6] + uris[9:]
+def test_a_part_is_named_by_its_inputs_in_order_and_its_settings():
+    one = settings_digest({"views": [1]})
+    assert part_name(one, ["a", "b"]) == part_name(one, ["a", "b"])
+    assert part_name(one, ["a", "b"]) != part_name(one, ["b", "a"])
+    assert part_name(one, ["a", "b"]) != part_name(
+        settings_digest({"views": [2]}), ["a", "b"]
+    )
+    assert part_name(one, ["ab"]) != part_name(one, ["a", "b"])
+    names = [part_name(one, [str(i)]) for i in range(200)]
+    jobs = [sum(is_mine(n, 3, j) for n in names) for j in range(3)]
+    assert sum(jobs) == 200 and min(jobs) > 40  # every part in one job, balanced
 
 
-def test_shards_are_written_in_input_order_whatever_order_rows_arrive(tmp_path):
-    plan = make_plan([f"/img/{i}.jpg" for i in range(7)], shard_size=3)
-    writer = ShardWriter(tmp_path, {0: 3, 1: 3, 2: 1})
-    writer.add(_rows(plan, [5, 1]))
-    assert not list(tmp_path.glob("part-*"))  # no shard complete yet
-    writer.add(_rows(plan, [6, 0, 3]))
-    assert [p.name for p in tmp_path.glob("part-*")] == [part_name(2)]
-    writer.add(_rows(plan, [2, 4]))
-    writer.close()
-    first = pq.read_table(tmp_path / part_name(0))
-    assert first.column_names == ["path", "value"]  # plan columns dropped
-    assert first.column("value").to_pylist() == ["v0", "v1", "v2"]
-    assert pq.read_table(tmp_path / part_name(1)).column("value").to_pylist() == [
-        "v3",
-        "v4",
-        "v5",
+def test_parts_are_written_whole_in_input_order_whatever_order_rows_arrive(tmp_path):
+    a, b = part_name("s", ["a"]), part_name("s", ["b"])
+    writer = PartWriter(str(tmp_path))
+    assert len(writer(pa.concat_tables([_rows(a, [2, 0], 3), _rows(b, [1], 0)]))) == 0
+    assert not list(tmp_path.iterdir())  # nothing complete: nothing written
+    stats = writer(pa.concat_tables([_rows(b, [0], 2, "OSError: x"), _rows(a, [1], 3)]))
+    assert sorted(stats.column(PART).to_pylist()) == sorted([a, b])
+    first = pq.read_table(tmp_path / a)
+    assert first.column_names == ["path", "error"]  # plan columns dropped
+    assert first.column("path").to_pylist() == [
+        f"/img/{a[:8]}-{i}.jpg" for i in range(3)
     ]
-    assert not list(tmp_path.glob(".*"))  # no temporary files left
+    assert part_stats(str(tmp_path / b))["errors"] == 1
+    assert part_stats(str(tmp_path / a))["images"] == 3
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
-def test_close_reports_lost_rows(tmp_path):
-    plan = make_plan(["a", "b", "c"], shard_size=2)
-    writer = ShardWriter(tmp_path, {0: 2, 1: 1})
-    writer.add(_rows(plan, [0]))
-    with pytest.raises(RuntimeError, match=r"\{0: 1, 1: 0\}"):
-        writer.close()
+def test_the_size_may_come_last_and_a_row_seen_twice_is_written_once(tmp_path):
+    a = part_name("s", ["a"])
+    writer = PartWriter(str(tmp_path))
+    assert len(writer(_rows(a, [0, 1], 0))) == 0  # a tar: size unknown until its end
+    assert len(writer(_rows(a, [1], 0))) == 0  # a retried task sends a row again
+    assert len(writer(_rows(a, [2], 3))) == 1
+    assert pq.read_table(tmp_path / a).num_rows == 3
 
 
-def test_a_rerun_resumes_but_a_different_run_starts_over(tmp_path):
-    uris = ["a", "b", "c"]
-    run = fingerprint(uris, {"views": [1]})
-    assert finished_shards(tmp_path, run) == set()
-    (tmp_path / part_name(0)).write_bytes(b"x")
-    (tmp_path / part_name(4)).write_bytes(b"x")
-    assert finished_shards(tmp_path, run) == {0, 4}
-    other = fingerprint(uris, {"views": [2]})
-    assert other != run and fingerprint(uris[::-1], {"views": [1]}) != run
-    assert finished_shards(tmp_path, other) == set()
-    assert not list(tmp_path.glob("part-*"))
-    assert json.loads((tmp_path / RUN_FILE).read_text()) == {"run_id": other}
-
-
-def test_storage_holds_one_run_and_a_new_head_resumes_from_it(tmp_path):
-    """The stored copy gets the run file (so a head that fetches it keeps the
-    finished shards) and loses a different run's parts."""
-    local, stored = tmp_path / "local", tmp_path / "store" / "candidates"
-    stored.mkdir(parents=True)
-    (stored / part_name(7)).write_bytes(b"an older run's shard")
-    (stored / RUN_FILE).write_text(json.dumps({"run_id": "old"}))
-    assert finished_shards(local, "new") == set()
-    (local / part_name(0)).write_bytes(b"PAR1")
-    publish_run(local, f"file://{stored}")
-    assert sorted(p.name for p in stored.iterdir()) == [RUN_FILE]
-    (stored / part_name(0)).write_bytes(b"PAR1")  # what ShardWriter copies
-    publish_run(local, f"file://{stored}")  # the same run: nothing removed
-    fresh = tmp_path / "fresh-head"
-    fresh.mkdir()
-    for path in stored.iterdir():
-        (fresh / path.name).write_bytes(path.read_bytes())
-    assert finished_shards(fresh, "new") == {0}
+def test_readers_take_the_index_s_parts_only(tmp_path):
+    for name in ("part-aa.parquet", "part-bb.parquet", "part-old.parquet"):
+        pq.write_table(pa.table({"path": [name]}), tmp_path / name)
+    assert len(index_parts(str(tmp_path))) == 3  # no index: every part
+    frame = pd.DataFrame({PART: ["part-bb.parquet", "part-aa.parquet"], "images": 1})
+    write_index(str(tmp_path), frame.assign(source="s"))
+    assert index_parts(str(tmp_path)) == [
+        f"{tmp_path}/part-bb.parquet",
+        f"{tmp_path}/part-aa.parquet",
+    ]

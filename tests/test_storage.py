@@ -89,16 +89,19 @@ def test_upload_and_download_through_a_file_uri(raw, tmp_path):
     assert not download(config, "student")
 
 
-def test_save_step_uploads_what_the_step_wrote(raw, tmp_path):
+def test_save_step_uploads_what_the_step_wrote_and_mirrors_what_actors_stored(
+    raw, tmp_path
+):
     store = tmp_path / "store"
     config = parse_config(raw, [f"storage_uri=file://{store}"])
     out = tmp_path / "out"
-    (out / "candidates").mkdir(parents=True)
-    (out / "candidates" / "part-00000.parquet").write_bytes(b"PAR1")
+    out.mkdir()
     (out / "errors.csv").write_text("uri,reason\n")
+    (store / "candidates").mkdir(parents=True)  # written there by the actors
+    (store / "candidates" / "part-0a.parquet").write_bytes(b"PAR1")
     Run.of(config).save_step("pseudo_label")  # no validation_candidates: skipped
     assert sorted(p.name for p in store.iterdir()) == ["candidates", "errors.csv"]
-    assert (store / "candidates" / "part-00000.parquet").read_bytes() == b"PAR1"
+    assert (out / "candidates" / "part-0a.parquet").read_bytes() == b"PAR1"
     assert tuple(STEP_OUTPUTS) == STEPS
 
 

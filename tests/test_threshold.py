@@ -7,12 +7,14 @@ from raydd import schema
 from raydd.config import ThresholdConfig
 from raydd.data.coco import Record
 from raydd.threshold import (
-    ScoreTable,
+    BINS,
+    bin_edges,
     evaluate_threshold,
     format_thresholds,
+    histograms,
     match_ground_truth,
     plot_thresholds,
-    score_table,
+    score_histograms,
     search_threshold,
     thresholds_by_label,
 )
@@ -45,14 +47,91 @@ def candidates(images: list[list[tuple[float, int]]], errors: int = 0) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-def test_a_trial_counts_per_class_at_or_above_the_threshold():
-    table = score_table(candidates([[(0.1, 1), (0.5, 1), (0.5, 2)], [(0.9, 2)]], 1))
-    assert table.num_images == 2  # the unreadable image does not count
-    metrics = evaluate_threshold(table, 0.5, np.array([0.0, 1.0, 0.5]))
+def test_a_trial_counts_per_class_at_or_above_the_threshold(ray_local):
+    frame = candidates([[(0.1, 1), (0.5, 1), (0.5, 2)], [(0.9, 2)]], 1)
+    found = score_histograms(frame, 3)
+    assert found.num_images == 2  # the unreadable image does not count
+    metrics = evaluate_threshold(found, 0.5, np.array([0.0, 1.0, 0.5]))
     assert metrics["instances_per_image"] == 1.5
     assert metrics["gap"] == 0.0
     assert metrics["gap_1"] == pytest.approx(0.5)  # 0.5 kept per image vs 1.0 labeled
     assert metrics["gap_2"] == pytest.approx(0.5)  # 1.0 vs 0.5
+
+
+def random_scores(
+    rng: np.random.Generator, images: int = 60, classes: int = 3
+) -> list[list[tuple[float, int]]]:
+    """Scores on a 1e-3 grid (many ties; 0 and 1 included), labels ``1..classes``;
+    the first images have no candidates."""
+    sizes = rng.integers(0, 30, images)
+    sizes[:4] = 0
+    scores = np.round(rng.random(sizes.sum()), 3)
+    scores[:2] = 0.0, 1.0
+    pairs = list(zip(scores, rng.integers(1, classes + 1, len(scores)), strict=True))
+    return [
+        pairs[end - k : end] for k, end in zip(sizes, np.cumsum(sizes), strict=True)
+    ]
+
+
+def test_score_histograms_match_numpy_per_class(ray_local, tmp_path):
+    frame = candidates(random_scores(np.random.default_rng(1)), errors=3)
+    ok = frame[schema.ERROR] == ""  # candidates of unreadable images are ignored
+    for column, junk in ((schema.SCORES, 0.5), (schema.LABELS, 1)):
+        frame[column] = [
+            v if k else np.full(2, junk, v.dtype)
+            for v, k in zip(frame[column], ok, strict=True)
+        ]
+    columns = [schema.PATH, schema.ERROR, schema.SCORES, schema.LABELS]
+    for part in range(2):  # two Parquet shards, as step 2 writes them
+        frame.iloc[part::2][columns].to_parquet(tmp_path / f"part{part}.parquet")
+    found = score_histograms(ray_local.data.read_parquet(str(tmp_path)), 4)
+    assert found.num_images == 60 and found.counts.shape == (4, BINS + 1)
+    scores = np.concatenate(list(frame[schema.SCORES][ok]))
+    labels = np.concatenate(list(frame[schema.LABELS][ok]))
+    edges = np.append(bin_edges(), np.inf)  # the last bin: scores of exactly 1
+    for label in range(4):
+        expected, _ = np.histogram(scores[labels == label], edges)
+        np.testing.assert_array_equal(found.counts[label], expected)
+
+
+def exact_choice(scores: np.ndarray, images: int, target: float) -> float:
+    """Brute force over every threshold: the lowest one whose count of scores at or
+    above it is closest to ``target`` per image (each count is first reached at 0 or
+    just above a score)."""
+    starts = np.append(np.float32(0), np.nextafter(np.unique(scores), np.float32(2)))
+    kept = (scores >= starts[:, None]).sum(axis=1)
+    return float(starts[np.argmin(np.abs(kept / images - target))])
+
+
+def test_histogram_threshold_is_the_exact_one_within_a_bin():
+    rng = np.random.default_rng(0)
+    dets = [d for image in random_scores(rng, 80) for d in image]
+    scores = np.array([s for s, _ in dets], np.float32)
+    labels = np.array([c for _, c in dets])
+    found = histograms(scores, labels, 80, 4)
+    targets = np.append(0.0, 0.4 * np.bincount(labels)[1:] / 80)
+    # the histogram search over every bin edge, ties to the lowest
+    trials = pd.DataFrame(
+        [evaluate_threshold(found, float(t), targets) for t in bin_edges()]
+    )
+    for gap, keep, target in [
+        ("gap", labels > 0, targets.sum()),
+        *((f"gap_{c}", labels == c, targets[c]) for c in (1, 2, 3)),
+    ]:
+        chosen = trials.loc[trials[gap].idxmin(), "threshold"]
+        assert abs(chosen - exact_choice(scores[keep], 80, target)) <= 1 / BINS
+
+    # a threshold on a bin edge (every grid point) is counted exactly; any other
+    # as if it were the next edge up
+    for t in [*np.round(np.linspace(0, 1, 41), 6), *rng.random(20)]:
+        up = bin_edges()[np.searchsorted(bin_edges(), np.float32(t))]
+        exact = np.bincount(labels[scores >= up], minlength=4)
+        np.testing.assert_array_equal(found.kept(t), exact)
+        if t == round(t, 4):
+            assert up == np.float32(t)
+            assert evaluate_threshold(found, t, targets)["instances_per_image"] == (
+                np.count_nonzero(scores >= np.float32(t)) / 80
+            )
 
 
 def test_global_search_finds_the_analytic_threshold(ray_local, tmp_path):
@@ -60,7 +139,8 @@ def test_global_search_finds_the_analytic_threshold(ray_local, tmp_path):
     # point there is 0.6.
     scores = [[0.95, 0.7, 0.3], [0.9, 0.8, 0.55, 0.1], [0.99, 0.75], [0.72, 0.71, 0.2]]
     frame = candidates([[(s, 1) for s in image] for image in scores], errors=2)
-    result, trials = search_threshold(frame, np.array([0.0, 2.0]), GRID, tmp_path)
+    dataset = ray_local.data.from_pandas(frame.drop(columns=schema.BOXES))
+    result, trials = search_threshold(dataset, np.array([0.0, 2.0]), GRID, tmp_path)
     assert result.threshold == pytest.approx(0.6)
     assert result.pseudo_instances_per_image == 2.0
     assert result.trials == len(trials) == 11
@@ -121,8 +201,9 @@ def test_precision_and_recall_against_ground_truth():
     # 0.9 matches box 0; 0.8 is a duplicate of it; 0.6 matches box 1; 0.7 hits nothing
     assert table.is_tp.tolist() == [True, False, True, False]
     assert table.num_gt == 2
+    found = histograms(table.scores, table.labels, table.num_images, 2)
     at = {
-        t: evaluate_threshold(table, t, np.array([0.0, 1.0]), table)
+        t: evaluate_threshold(found, t, np.array([0.0, 1.0]), table)
         for t in (0.5, 0.85)
     }
     assert (at[0.5]["precision"], at[0.5]["recall"]) == (0.5, 1.0)
@@ -164,16 +245,17 @@ def test_plot_marks_the_chosen_threshold(ray_local, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)
     assert red.sum() > 30  # the chosen point's star
-    text = format_thresholds(result, np.array([0.0, 1.0]), score_table(frame), ["one"])
+    found = score_histograms(frame, 2)
+    text = format_thresholds(result, np.array([0.0, 1.0]), found, ["one"])
     assert "global threshold: precision 1.000, recall 1.000" in text
     assert (
         "per-class thresholds: precision 1.000, recall 1.000" in text and "one" in text
     )
 
 
-def test_empty_table_is_harmless():
-    table = ScoreTable(np.zeros(0, np.float32), np.zeros(0, np.int64), 0)
-    assert evaluate_threshold(table, 0.5, np.array([0.0, 1.0]))["gap"] == 1.0
+def test_empty_histograms_are_harmless():
+    empty = histograms(np.zeros(0, np.float32), np.zeros(0, np.int64), 0, 2)
+    assert evaluate_threshold(empty, 0.5, np.array([0.0, 1.0]))["gap"] == 1.0
 
 
 def test_per_class_thresholds_pick_the_students_pseudo_labels(ray_local):
