@@ -74,7 +74,7 @@ def split_batch(batch_size: int, labeled_share: float, pseudo: bool) -> tuple[in
     return n_labeled, batch_size - n_labeled
 
 
-def _row(record: Record) -> dict[str, Any]:
+def record_row(record: Record) -> dict[str, Any]:
     row = {
         schema.PATH: record.path,
         schema.BOXES: np.asarray(record.boxes, np.float32).reshape(-1, 4),
@@ -96,7 +96,7 @@ def records_dataset(records: Sequence[Record]) -> ray.data.Dataset:
     ``[N, 3K]``)."""
     if not records:
         raise ValueError("no training images")
-    return _dataset([_row(r) | {INDEX: i} for i, r in enumerate(records)])
+    return _dataset([record_row(r) | {INDEX: i} for i, r in enumerate(records)])
 
 
 def _dataset(rows: list[dict[str, Any]]) -> ray.data.Dataset:
@@ -230,16 +230,22 @@ def _masks(
     return F.interpolate(torch.from_numpy(full)[None], size=size, mode="nearest")[0]
 
 
-def prepare(records: Sequence[Record], augment: Augment) -> ray.data.Dataset:
-    """``records`` as a training set for Ray Train: the undecoded rows of
-    :func:`records_dataset`, with ``augment`` kept in the dataset's context
-    (``DataContext.set_config``), where each worker's :class:`RowStream` finds it.
+def prepare(
+    records: Sequence[Record] | ray.data.Dataset, augment: Augment
+) -> ray.data.Dataset:
+    """A training set for Ray Train: the undecoded rows of ``records`` (
+    :func:`records_dataset`; or a Dataset of such rows, e.g. the student's
+    pseudo-labeled set streamed from the candidate parts), with ``augment`` kept
+    in the dataset's context (``DataContext.set_config``), where each worker's
+    :class:`RowStream` finds it.
 
     The rows stay undecoded until a stream has ordered them: an epoch's order and a
     row's draws come from the epoch, which only the stream knows (a Ray Data stage
     cannot tell one epoch from the next, and a resumed run starts afresh).
     """
-    dataset = records_dataset(records)
+    dataset = (
+        records if isinstance(records, ray.data.Dataset) else records_dataset(records)
+    )
     dataset.context.set_config(AUGMENT_KEY, augment)
     # a stream reads the set once, and training logs its own progress: no bar
     dataset.context.enable_progress_bars = False
@@ -319,13 +325,15 @@ class RowStream:
         self._rows = self._iterate(epoch, offset)
 
     def _read(self) -> list[dict[str, Any]]:
-        """The set's undecoded rows, by ``index`` (by arrival when they have none)."""
+        """The set's undecoded rows, ordered by ``index`` (a position, or a key
+        such as the path: rows read in parallel arrive in any order) and numbered
+        ``0..n-1`` in that order (by arrival when they have no ``index``)."""
         rows = list(self.shard.iter_rows())
         if not rows:
             raise ValueError("a training set has no rows")
-        if INDEX not in rows[0]:
-            return [{**row, INDEX: i} for i, row in enumerate(rows)]
-        return sorted(rows, key=lambda row: int(row[INDEX]))
+        if INDEX in rows[0]:
+            rows.sort(key=lambda row: row[INDEX])
+        return [{**row, INDEX: i} for i, row in enumerate(rows)]
 
     def _iterate(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         rows = self._read()

@@ -14,7 +14,6 @@ from typing import Any
 import pandas as pd
 import ray.data
 
-from raydd import schema
 from raydd.config import Config, TrainConfig, single_view
 from raydd.data.coco import (
     Categories,
@@ -37,7 +36,7 @@ from raydd.layout import (
     Run,
 )
 from raydd.pseudo_label import read_candidates
-from raydd.student import pseudo_records
+from raydd.student import pseudo_counts
 from raydd.threshold import (
     ThresholdResult,
     class_rates,
@@ -133,8 +132,7 @@ def summarize(
     out = Path(config.output_dir)
     threshold = load_threshold(out)
     used = thresholds_by_label(threshold, config.threshold.per_class)
-    candidates = read_candidates(out / CANDIDATES_DIR)
-    pseudo = pseudo_records(candidates, used)
+    counts = pseudo_counts(Run.of(config).shared(CANDIDATES_DIR), used)
     labeled_set = labeled_records(config)
     times = out / STEPS_FILE
     summary = {
@@ -146,13 +144,14 @@ def summarize(
         "validation": {k: getattr(threshold, k) for k in ("precision", "recall", "f1")},
         "instances_per_image": {
             "labeled": instances_per_image(labeled_set),
-            "pseudo": instances_per_image(pseudo),
+            "pseudo": counts["instances"] / max(counts["pseudo_labeled"], 1),
         },
         "images": {
             "labeled": len(labeled_set),
-            "unlabeled": len(candidates),
-            "pseudo_labeled": len(pseudo),  # readable images the student trained on
-            "errors": int((candidates[schema.ERROR] != "").sum()),
+            "unlabeled": counts["images"],
+            # readable images the student trained on
+            "pseudo_labeled": counts["pseudo_labeled"],
+            "errors": counts["errors"],
         },
         "schedules": {
             name: schedule(cfg)

@@ -76,12 +76,6 @@ def _pseudo_label(config: Config) -> str:
     return f"{result.images} images ({result.errors} unreadable) -> {result.candidates}"
 
 
-def _candidates(config: Config) -> Any:
-    from raydd.pseudo_label import read_candidates
-
-    return read_candidates(Path(config.output_dir) / CANDIDATES_DIR)
-
-
 def _threshold(config: Config) -> str:
     from raydd.pipeline import choose_threshold
     from raydd.pseudo_label import candidates_dataset
@@ -101,7 +95,8 @@ def _student(config: Config) -> str:
 
     result = load_threshold(config.output_dir)
     used = thresholds_by_label(result, config.threshold.per_class)
-    done = f"checkpoint {train_student(config, _candidates(config), used)}"
+    parts = Run.of(config).shared(CANDIDATES_DIR)  # streamed to the workers
+    done = f"checkpoint {train_student(config, parts, used)}"
     if config.student.control:
         done += f", control {train_control(config)}"
     return done

@@ -12,12 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import ray.data
 
 from raydd import schema
 from raydd.config import Config, single_view, to_dict
 from raydd.data.coco import Record
-from raydd.ingest import LABELED, PSEUDO, prepare
+from raydd.ingest import INDEX, LABELED, PSEUDO, prepare, record_row, to_batch
 from raydd.layout import (
     CONTROL_DIR,
     STUDENT_DIR,
@@ -26,6 +28,7 @@ from raydd.layout import (
     TRAIN_DIR,
     Run,
 )
+from raydd.pseudo_label import candidates_dataset
 from raydd.teacher import augment_for, labeled_training_records
 from raydd.threshold import above_thresholds
 from raydd.train import TrainJob, fit
@@ -59,23 +62,106 @@ def pseudo_records(
     return records
 
 
+Candidates = str | Path | pd.DataFrame | ray.data.Dataset
+
+
+def candidates_of(candidates: Candidates) -> ray.data.Dataset:
+    """The candidates as a lazy Ray Dataset: a candidates location (its parts),
+    a Dataset as it is, or an in-memory frame (tests, benchmark sweeps)."""
+    if isinstance(candidates, ray.data.Dataset):
+        return candidates
+    if isinstance(candidates, pd.DataFrame):
+        return ray.data.from_pandas(candidates)
+    return candidates_dataset(candidates)
+
+
+def _training_rows(
+    frame: pd.DataFrame, thresholds: dict[int, float]
+) -> dict[str, np.ndarray]:
+    """Ray Data stage: candidates -> the pseudo-labeled training rows of the
+    readable images (see :func:`pseudo_records`), keyed by path (their order)."""
+    rows = [
+        record_row(record) | {INDEX: record.path}
+        for record in pseudo_records(frame, thresholds)
+    ]
+    if not rows:  # every image unreadable: an empty batch with the same columns
+        names = [schema.PATH, schema.BOXES, schema.LABELS, schema.HEIGHT]
+        names += [schema.WIDTH, INDEX]
+        names += [n for n in (schema.MASKS, schema.KEYPOINTS) if n in frame.columns]
+        return {name: np.empty(0, object) for name in names}
+    return to_batch(rows)
+
+
+def pseudo_dataset(
+    candidates: Candidates, thresholds: dict[int, float]
+) -> ray.data.Dataset:
+    """The student's pseudo-labeled set, lazily: each Train worker reads the parts
+    from storage, keeps readable images with the candidates at or above their
+    label's threshold, and orders the rows by path (so a seed repeats the order).
+    Nothing of it passes through the driver."""
+    return candidates_of(candidates).map_batches(
+        _training_rows, fn_kwargs={"thresholds": thresholds}, batch_format="pandas"
+    )
+
+
+def _counts(frame: pd.DataFrame, thresholds: dict[int, float]) -> pd.DataFrame:
+    readable = frame[frame[schema.ERROR] == ""]
+    kept = sum(
+        int(above_thresholds(schema.detections_from_row(row), thresholds).sum())
+        for row in readable.to_dict("records")
+    )
+    return pd.DataFrame(
+        {
+            "images": [len(frame)],
+            "errors": [len(frame) - len(readable)],
+            "pseudo_labeled": [len(readable)],
+            "instances": [kept],
+        }
+    )
+
+
+def pseudo_counts(
+    candidates: Candidates, thresholds: dict[int, float]
+) -> dict[str, int]:
+    """``images`` (candidate rows), ``errors``, ``pseudo_labeled`` (readable images,
+    the pseudo-labeled set) and ``instances`` (kept pseudo-labels): one pass on the
+    cluster, a few numbers back."""
+    names = ["images", "errors", "pseudo_labeled", "instances"]
+    counts = (
+        candidates_of(candidates)
+        .map_batches(
+            _counts, fn_kwargs={"thresholds": thresholds}, batch_format="pandas"
+        )
+        .sum(names)
+    )
+    if counts is None:  # no rows at all
+        return dict.fromkeys(names, 0)
+    return {name: int(counts[f"sum({name})"]) for name in names}
+
+
 def train_student(
     config: Config,
-    candidates: pd.DataFrame,
+    candidates: Candidates,
     thresholds: dict[int, float],
     teacher: str | None = None,
 ) -> Path:
     """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``.
 
+    ``candidates`` is the candidates location (default use: the run's, in
+    storage on a cluster), streamed to the Train workers (:func:`pseudo_dataset`).
     ``thresholds`` maps each label to the score its pseudo-labels must reach. With
     ``student.init: teacher`` the workers load the teacher from ``teacher`` (a
     folder or URI; default: the run's own, in storage on a cluster).
     """
-    pseudo = pseudo_records(candidates, thresholds)
+    counts = pseudo_counts(candidates, thresholds)
     metadata = {
         "thresholds": {str(k): v for k, v in thresholds.items()},
-        "pseudo_instances": int(sum(len(r.labels) for r in pseudo)),
+        "pseudo_images": counts["pseudo_labeled"],
+        "pseudo_instances": counts["instances"],
     }
+    pseudo = (
+        pseudo_dataset(candidates, thresholds) if counts["pseudo_labeled"] else None
+    )
     return _train(config, STUDENT_DIR, pseudo, teacher, metadata)
 
 
@@ -84,18 +170,18 @@ def train_control(config: Config, teacher: str | None = None) -> Path:
     student's schedule (steps, batch, learning rate, augmentation, init), so that
     ``student - control`` measures the pseudo-labels; returns ``OUTPUT_DIR/control``.
     """
-    return _train(config, CONTROL_DIR, [], teacher, {})
+    return _train(config, CONTROL_DIR, None, teacher, {})
 
 
 def _train(
     config: Config,
     role: str,
-    pseudo: list[Record],
+    pseudo: ray.data.Dataset | None,
     teacher: str | None,
     metadata: dict[str, Any],
 ) -> Path:
     """One run on the student's schedule: labeled + ``pseudo`` images (exactly
-    ``student.labeled_share`` of each batch labeled when there are any)."""
+    ``student.labeled_share`` of each batch labeled when there is a pseudo set)."""
     categories, labeled, names = labeled_training_records(config)
     cfg = config.student
     run = Run.of(config)
@@ -103,7 +189,7 @@ def _train(
         model=config.model,
         train=cfg,
         categories=categories,
-        labeled_share=cfg.labeled_share if pseudo else 1.0,
+        labeled_share=cfg.labeled_share if pseudo is not None else 1.0,
         init_from=(teacher or run.shared(TEACHER_DIR))
         if cfg.init == "teacher"
         else None,
@@ -120,6 +206,6 @@ def _train(
     )
     augment = augment_for(config, cfg, names)
     datasets = {LABELED: prepare(labeled, augment)}
-    if pseudo:
+    if pseudo is not None:
         datasets[PSEUDO] = prepare(pseudo, augment)
     return fit(job, datasets, role, run.shared(TRAIN_DIR), run.local(role))

@@ -37,6 +37,7 @@ from raydd.ingest import (
     Shuffle,
     next_batch,
     prepare,
+    record_row,
     split_batch,
     to_batch,
     to_device,
@@ -130,7 +131,7 @@ def test_a_rows_augmentation_depends_on_its_seed_not_its_batch(demo_dir):
     )
     shuffle = Shuffle(seed=1, name=LABELED)
     rows = [
-        _row(r) | {INDEX: i, DRAWS: shuffle.draws(epoch=0, index=i)}
+        record_row(r) | {INDEX: i, DRAWS: shuffle.draws(epoch=0, index=i)}
         for i, r in enumerate(records)
     ]
     together = _unbatch(augment(to_batch(rows)))
@@ -286,8 +287,8 @@ def test_hflip_mirrors_image_boxes_masks_and_swaps_left_right(demo_dir):
         masks=True,
         keypoints=True,
     )
-    plain = Augment(**common).row(_row(record), rng)
-    flip = Augment(**common, hflip_prob=1.0).row(_row(record), rng)
+    plain = Augment(**common).row(record_row(record), rng)
+    flip = Augment(**common, hflip_prob=1.0).row(record_row(record), rng)
     width = plain[schema.IMAGE].shape[1]
     np.testing.assert_array_equal(flip[schema.IMAGE], plain[schema.IMAGE][:, ::-1])
     np.testing.assert_array_equal(flip[schema.MASKS], plain[schema.MASKS][..., ::-1])
@@ -309,12 +310,6 @@ def test_hflip_mirrors_image_boxes_masks_and_swaps_left_right(demo_dir):
     ).all()
 
 
-def _row(record: Record) -> dict:
-    from raydd.ingest import _row as row
-
-    return row(record)
-
-
 def test_multi_scale_resize_scales_every_target(demo_dir):
     _, records = _demo_records(demo_dir)
     record = next(r for r in records if len(r.labels))
@@ -323,7 +318,7 @@ def test_multi_scale_resize_scales_every_target(demo_dir):
     )
     sizes = set()
     for seed in range(8):
-        out = augment.row(_row(record), np.random.default_rng(seed))
+        out = augment.row(record_row(record), np.random.default_rng(seed))
         h, w = out[schema.IMAGE].shape[:2]
         sizes.add(min(h, w))
         ratio = w / record.width
