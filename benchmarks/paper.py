@@ -10,7 +10,7 @@ evaluate) with the bench schedule below:
 2. **unlabeled data quantity**: the (seed 0) student with 0, 25, 50 and 100% of the
    pseudo-labeled images (nested random subsets), same labeled set and schedule;
 3. **views**: the teacher with the identity only, + flip, + scales, + both: AP, and
-   images/s of the model-holding stage (:class:`raydd.pseudo_label.Predictor`);
+   images/s of the model-holding stage (:class:`raydd.inference.Predictor`);
 4. **threshold**: the student at fixed score thresholds vs at the instances-per-image
    heuristic's threshold, with the pseudo-instances per image each leaves;
 5. **labeled share** of every minibatch: 0.4 / 0.6 / 0.8.
@@ -49,9 +49,10 @@ from raydd.config import Config, ViewConfig, load_config, single_view
 from raydd.data.coco import image_paths
 from raydd.data.demo import DemoSizes, data_overrides, write_demo_dataset
 from raydd.evaluate import METRICS, evaluate_checkpoint
+from raydd.inference import Predictor
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.pipeline import choose_threshold
-from raydd.pseudo_label import Predictor, pseudo_label, read_candidates
+from raydd.pseudo_label import pseudo_label, read_candidates
 from raydd.runtime import init_ray
 from raydd.sources import load_batch
 from raydd.student import pseudo_records, train_student

@@ -40,8 +40,9 @@ from raydd.config import parse_config
 from raydd.data.coco import Categories
 from raydd.data.demo import DemoSizes, smoke_config, write_demo_dataset
 from raydd.data.images import load_rgb
+from raydd.inference import Predictor
 from raydd.models import build_model, offline_mobilenet_v2_weights
-from raydd.pseudo_label import Predictor, label_sources
+from raydd.pseudo_label import label_sources
 from raydd.sources import inline_source
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,13 @@
 """COCO evaluation (pycocotools) of a detector checkpoint on the test split.
 
-Predictions come from the same Ray Data pipeline as pseudo-labeling
-(:func:`raydd.pseudo_label.predict_dataset`), with one view (the plain teacher or
-student) or all views fused (the teacher with views).
+Predictions come from the same inference code as pseudo-labeling
+(:mod:`raydd.inference`), with one view (the plain teacher or student) or all views
+fused (the teacher with views).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -24,11 +23,9 @@ from raydd import schema, storage
 from raydd.checkpoint import read_metadata
 from raydd.config import CocoSplit, EnsembleConfig, InferenceConfig, ViewConfig
 from raydd.data.coco import Categories, image_location, image_paths, load_coco
-from raydd.data.images import load_rgb, to_tensor
+from raydd.data.images import load_rgb
+from raydd.inference import Predictor, predict_dataset
 from raydd.layout import METRICS
-from raydd.models import permissive_inference
-from raydd.pseudo_label import predict_dataset
-from raydd.views import View
 
 
 def result_dicts(
@@ -93,7 +90,6 @@ def evaluate_checkpoint(
     return coco_metrics(coco, coco_results(frame, coco, split.images, categories))
 
 
-@torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
     split: CocoSplit,
@@ -106,30 +102,20 @@ def evaluate_model(
 
     Used at the evaluation points of a training run (rank 0 of Ray Train), where
     starting a Ray Data pipeline per evaluation would cost more than the images.
-    Scores like :func:`evaluate_checkpoint` with one view: a copy of the model,
-    permissive (no score filter, up to ``max_detections``), sees each image through
-    ``view`` (default: as it is) and its boxes are mapped back. ``model`` itself
-    is left untouched.
+    Scores like :func:`evaluate_checkpoint` with one view, through the same
+    :class:`~raydd.inference.Predictor` (on a copy of the model, which is left
+    untouched): permissive (no score filter, up to ``max_detections``), each image
+    seen through ``view`` (default: as it is), boxes mapped back.
     """
-    device = next(model.parameters()).device
-    tester = permissive_inference(copy.deepcopy(model).eval(), max_detections)
-    plain = View.from_config(view or ViewConfig())
+    predictor = Predictor.from_model(
+        model, [view or ViewConfig()], EnsembleConfig(max_detections=max_detections)
+    )
     coco = load_coco(split.annotations)
     infos = coco.dataset["images"]
     results = []
     for start in range(0, len(infos), batch_size):
         chunk = infos[start : start + batch_size]
-        images = [
-            to_tensor(load_rgb(image_location(split, i["file_name"]))).to(device)
-            for i in chunk
-        ]
-        outputs = tester([plain.apply(image) for image in images])
-        for info, image, out in zip(chunk, images, outputs, strict=True):
-            boxes = plain.invert_boxes(out["boxes"], *image.shape[-2:])
-            dets = {
-                schema.BOXES: boxes.cpu().numpy(),
-                schema.LABELS: out["labels"].cpu().numpy(),
-                schema.SCORES: out["scores"].cpu().numpy(),
-            }
+        images = [load_rgb(image_location(split, i["file_name"])) for i in chunk]
+        for info, dets in zip(chunk, predictor.predict(images), strict=True):
             results += result_dicts(dets, info["id"], categories)
     return coco_metrics(coco, results)

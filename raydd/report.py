@@ -389,7 +389,7 @@ def predict_images(
     """Detections of a few local images, in this process (no Ray): the single view
     the evaluation uses, boxes xyxy in original pixels (see :class:`Predictor`)."""
     from raydd.config import single_view
-    from raydd.pseudo_label import Predictor
+    from raydd.inference import Predictor
 
     predictor = Predictor(
         str(checkpoint),

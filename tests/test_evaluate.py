@@ -175,3 +175,50 @@ EXACT = {1: ([10, 10, 110, 110], 0.9), 2: ([50, 60, 150, 160], 0.8)}
 def test_ap_of_known_detections(detections, expected):
     metrics = _score(detections)
     assert (metrics["AP"], metrics["AP50"], metrics["AP75"]) == pytest.approx(expected)
+
+
+def test_the_in_training_evaluation_scores_like_the_pipeline(
+    ray_local, demo_dir, weights, tmp_path
+):
+    """evaluate_model (a training worker, in process) and evaluate_checkpoint (Ray
+    Data actors) run the same Predictor: the same AP on the same model."""
+    import torch
+    from conftest import TINY_MODEL
+
+    from raydd.checkpoint import load_detector, save_detector
+    from raydd.config import EnsembleConfig, InferenceConfig, ModelConfig, ViewConfig
+    from raydd.data.coco import Categories, image_paths, load_coco
+    from raydd.data.images import load_rgb
+    from raydd.evaluate import evaluate_checkpoint, evaluate_model
+    from raydd.inference import Predictor, predict_dataset
+    from raydd.models import build_model
+
+    torch.manual_seed(0)
+    split = CocoSplit(str(demo_dir / "test.json"), str(demo_dir / "test"))
+    categories = Categories.from_coco(load_coco(split.annotations))
+    config = ModelConfig(backbone_weights=weights, **TINY_MODEL)
+    model = build_model(config, num_classes=categories.num_classes)
+    save_detector(tmp_path, model, config, categories)
+    view = ViewConfig(scale=160)
+    piped = evaluate_checkpoint(
+        str(tmp_path), split, [view], EnsembleConfig(), InferenceConfig(batch_size=2)
+    )
+    loaded, _ = load_detector(tmp_path)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    in_process = evaluate_model(loaded, split, categories, view)
+    assert in_process == pytest.approx(piped, abs=1e-6)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())
+    # the same boxes, not just the same (near-zero, untrained) AP
+    paths = image_paths(split)[:2]
+    frame = predict_dataset(
+        paths, str(tmp_path), [view], EnsembleConfig(), InferenceConfig()
+    ).to_pandas()
+    ours = Predictor.from_model(loaded, [view], EnsembleConfig()).predict(
+        [load_rgb(p) for p in paths]
+    )
+    for path, dets in zip(paths, ours, strict=True):
+        row = frame[frame[schema.PATH] == path].iloc[0]
+        assert len(dets[schema.BOXES]) > 0
+        np.testing.assert_allclose(
+            schema.detections_from_row(row)[schema.BOXES], dets[schema.BOXES], atol=1e-3
+        )

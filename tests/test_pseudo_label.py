@@ -27,14 +27,13 @@ from raydd.config import (
 )
 from raydd.data.coco import Categories
 from raydd.data.images import load_rgb
+from raydd.inference import Predictor, predict_dataset
 from raydd.masks import decode_rle
 from raydd.models import build_model
 from raydd.pseudo_label import (
     CANDIDATES_DIR,
     ERRORS_FILE,
-    Predictor,
     label_sources,
-    predict_dataset,
     pseudo_label,
     read_candidates,
 )
