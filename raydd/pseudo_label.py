@@ -178,12 +178,14 @@ def label_sources(
 def list_parts(sources: Sequence[dict[str, Any]], plan: dict[str, Any]) -> pd.DataFrame:
     """``part``, ``source``, ``images``, ``done`` of the sources' parts (one Ray
     Data pass: the records and HEAD requests are made on the cluster)."""
+    empty = pd.DataFrame({PART: [], SOURCE: [], "images": [], "done": []})
     if not sources:
-        return pd.DataFrame({PART: [], SOURCE: [], "images": [], "done": []})
+        return empty
     found = _sources_dataset(sources).map_batches(
         source_parts, fn_kwargs=plan, batch_size=1
     )
-    return found.to_pandas()
+    frame = found.to_pandas()
+    return frame if len(frame) else empty  # e.g. every part another job's
 
 
 def _sources_dataset(sources: Sequence[dict[str, Any]]) -> ray.data.Dataset:

@@ -377,7 +377,10 @@ def source_parts(
             directory, _source_key(settings, str(source), str(kind), paths, shard_size)
         )
         if record is None:
-            rows.append(("", str(source), 0, False))
+            if kind != TAR or is_mine(
+                _tar_part(str(source), settings), num_shards, shard_index
+            ):
+                rows.append(("", str(source), 0, False))  # still to be read
             continue
         mine = [
             (n, c) for n, c in record["parts"] if is_mine(n, num_shards, shard_index)
@@ -456,12 +459,17 @@ def _source_images(
     return list_images(split)
 
 
+def _tar_part(uri: str, settings: str) -> str:
+    """The one part of a tar archive: named by its URI, size and mtime."""
+    version = storage.identity(uri)
+    return part_name(settings, [uri, str(version["size"]), str(version["mtime_ns"])])
+
+
 def _plan_tar(
     uri: str, settings: str, directory: str, key: str, num_shards: int, shard_index: int
 ) -> Iterator[dict[str, np.ndarray]]:
     """The image members of one tar archive, as one part, in one streaming read."""
-    version = storage.identity(uri)
-    name = part_name(settings, [uri, str(version["size"]), str(version["mtime_ns"])])
+    name = _tar_part(uri, settings)
     if not is_mine(name, num_shards, shard_index):
         return
     if storage.exists(storage.join(directory, name)):  # done; its record was lost

@@ -450,6 +450,13 @@ def test_webdataset_tars_and_sharded_manifests_are_read_on_the_cluster(
         name = path.rsplit("/", 1)[-1]
         original = files[int(name[:6]) + (6 if "shard-1" in path else 0)]
         assert read_bytes(path) == original.read_bytes()
+    # two independent jobs split the tars between them, each with its index
+    split = tmp_path / "out-split" / CANDIDATES_DIR
+    done = [
+        label_sources(sources(config.data.unlabeled), checkpoint, config, split, 2, j)
+        for j in (0, 1)
+    ]
+    assert sum(r.images for r in done) == 10 and len(read_candidates(split)) == 10
 
     (tmp_path / "manifest").mkdir()
     for i, chunk in enumerate((files[:4], files[4:])):
