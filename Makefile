@@ -44,6 +44,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/pseudo_label_throughput.py --images 100 --canvas 256 --batch-size 8
 	$(BIN)/python benchmarks/train_throughput.py --iterations 60 --log-every 10 --images 64
 	$(BIN)/python benchmarks/cluster.py
+	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/report.py
 
 # Student vs teacher on 4x longer schedules (one seed, no sweeps): about 1 hour on 2

@@ -161,6 +161,55 @@ def _train_throughput(r: dict) -> list[str]:
     ]
 
 
+def _scale(r: dict) -> list[str]:
+    rows = [
+        "| model stage | format | inputs | first part (s) | end (s) | images/s | "
+        "images/s per core | images per CPU-second | driver peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {x['model']} | {x['format']} | {x['images']:,} | {x['first_part_s']} | "
+        f"{x['seconds']} | {x['images_per_s']:,.1f} | "
+        f"{x['images_per_s_per_core']:,.1f} | {x['images_per_cpu_s']:,.0f} | "
+        f"{x['driver_peak_mb']:,.0f} |"
+        for x in r["runs"]
+    ]
+    rows += [
+        "",
+        f"Each row: a fresh driver process starting Ray ({r['ray_cpus']} CPUs), "
+        f"`inference.batch_size` {r['batch_size']}; seconds from the "
+        "`label_sources` call; CPU-seconds of the driver and all of Ray's processes "
+        f"(other load on the machine does not inflate them; 1-minute load average "
+        f"at the end {r['load_average_1min']}). FixedBoxes (this benchmark only) "
+        "returns two fixed boxes per image, so the data plane is measured. The "
+        "driver's RSS right after `ray.init` (its imports, torch among them): "
+        f"{min(x['after_ray_init_mb'] for x in r['runs']):,.0f} MB.",
+    ]
+    if r.get("teacher_over_fixed_boxes"):
+        rows[-1] += (
+            f" The real teacher runs at **{r['teacher_over_fixed_boxes']:.4f}x** "
+            "FixedBoxes' images/s."
+        )
+    if (p := r.get("plan")) is not None:
+        rows += [
+            "",
+            f"Planning a {p['rows_in']:,}-row manifest ({p['sources']} Parquet "
+            f"files): the driver (`sources` + `list_parts`) **{p['driver_s']} s, "
+            f"{p['driver_peak_mb']:,.0f} MB** peak RSS; the cluster (`plan_source` "
+            f"over every file, {p['rows']:,} image rows) {p['cluster_s']} s; "
+            f"`list_parts` again (a resumed run's start: {p['parts']:,} parts) "
+            f"{p['list_parts_s']} s, driver peak {p['list_parts_peak_mb']:,.0f} MB.",
+        ]
+    met = [t for t, ok in r["targets"].items() if ok]
+    missed = [t for t, ok in r["targets"].items() if not ok]
+    return rows + [
+        "",
+        "Targets met: " + ("; ".join(met) or "none") + ".",
+        "",
+        "**Targets missed:** " + ("; ".join(missed) or "none") + ".",
+    ]
+
+
 def _metrics(r: dict) -> str:
     return " | ".join(f"{r[m]:.4f}" for m in METRICS)
 
@@ -402,6 +451,7 @@ SECTIONS = {
         _pseudo_label_throughput,
     ),
     "fusion": ("Fusing the views' detections", _fusion),
+    "scale": ("The data plane at scale: driver memory and time", _scale),
     "train_throughput": (
         "Training throughput: Ray Train loop vs a plain torch loop",
         _train_throughput,
@@ -462,6 +512,17 @@ def _throughput_rows(r: dict) -> list[tuple[str, str]]:
                 "whole method on the demo (`configs/demo.yaml`)",
                 f"**{sum(r['seconds'].values()) / 60:.1f} min**: "
                 + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items()),
+            )
+        ]
+    if name == "scale":
+        fixed = [x for x in r["runs"] if x["model"] == "FixedBoxes"]
+        big = max(fixed, key=lambda x: (x["images"], x["images_per_s"]))
+        return [
+            (
+                f"data plane (FixedBoxes), {big['images']:,} {big['format']}",
+                f"**{big['images_per_s_per_core']:,.0f} images/s per core** "
+                f"({big['images_per_cpu_s']:,.0f} per CPU-second); driver peak "
+                f"{big['driver_peak_mb']:,.0f} MB",
             )
         ]
     if name == "paper":

@@ -209,3 +209,28 @@ def test_report_renders_the_cluster_record():
     assert lines[2] == "| one node, 2 CPUs | 100.0 |"
     assert lines[3].endswith("| 125.0 |")
     assert "1.250x" in lines[-1] and "**1 steps redone**" in lines[-1]
+
+
+@pytest.mark.slow
+def test_scale_driver_memory_does_not_grow_with_the_inputs(
+    tmp_path, monkeypatch, capsys
+):
+    """A fresh driver labels 1,000 and then 10,000 WebDataset inputs (FixedBoxes):
+    every input gets exactly one row, and the driver's peak RSS at 10x the inputs
+    stays under 1.2x."""
+    results = tmp_path / "scale.json"
+    argv = ["scale.py", "--smoke", "--results", str(results), "--work", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "scale.py"), run_name="__main__")
+    record = json.loads(results.read_text())
+    small, large = record["runs"]
+    assert (small["images"], large["images"]) == (1_000, 10_000)
+    for run in record["runs"]:
+        assert run["rows"] == run["distinct_paths"] == run["images"]
+        assert run["errors"] == 0 and run["parts"] == run["images"] // 1_000
+    assert large["driver_peak_mb"] < 1.2 * small["driver_peak_mb"]
+    assert "driver MB" in capsys.readouterr().out
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    lines = module["_scale"](record)
+    assert lines[2].startswith("| FixedBoxes | tars | 1,000 |")
+    assert lines[-1].startswith("**Targets missed:**")
