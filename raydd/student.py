@@ -127,16 +127,15 @@ def pseudo_counts(
     the pseudo-labeled set) and ``instances`` (kept pseudo-labels): one pass on the
     cluster, a few numbers back."""
     names = ["images", "errors", "pseudo_labeled", "instances"]
-    counts = (
-        candidates_of(candidates)
-        .map_batches(
-            _counts, fn_kwargs={"thresholds": thresholds}, batch_format="pandas"
-        )
-        .sum(names)
+    totals = dict.fromkeys(names, 0)
+    counted = candidates_of(candidates).map_batches(
+        _counts, fn_kwargs={"thresholds": thresholds}, batch_format="pandas"
     )
-    if counts is None:  # no rows at all
-        return dict.fromkeys(names, 0)
-    return {name: int(counts[f"sum({name})"]) for name in names}
+    # a few numbers per block; an empty set (e.g. 0% of a sweep) gives no block
+    for batch in counted.iter_batches(batch_size=None, batch_format="pandas"):
+        for name in names:
+            totals[name] += int(batch[name].sum()) if name in batch else 0
+    return totals
 
 
 def train_student(

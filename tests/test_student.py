@@ -81,3 +81,10 @@ def test_a_stream_of_the_pseudo_set_numbers_its_rows_by_path(ray_local, parts):
     by_index = sorted(rows, key=lambda r: r[INDEX])
     paths = [r[schema.PATH] for r in by_index]
     assert paths == sorted(paths)
+
+
+def test_an_empty_candidate_set_counts_zero(ray_local):
+    empty = _candidates().iloc[[]]  # what a 0% quantity sweep passes
+    assert pseudo_counts(empty, THRESHOLDS) == dict.fromkeys(
+        ("images", "errors", "pseudo_labeled", "instances"), 0
+    )
