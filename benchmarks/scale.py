@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import io
 import json
 import os
 import platform
+import runpy
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,6 +72,7 @@ PER_TAR, PER_MANIFEST, PER_PLAN_FILE = 1_000, 10_000, 1_000_000
 VIEWS = [{}, {"hflip": True}]  # the real teacher's; FixedBoxes ignores them
 FIXED, TEACHER = "FixedBoxes", "teacher"
 FORMATS = ("tars", "manifest")
+NOT_WRITTEN = (schema.IMAGE, "bytes", "data")  # Predictor's columns left out
 
 
 class FixedBoxes:
@@ -94,7 +98,7 @@ class FixedBoxes:
         ]
         table = schema.candidates_table(rows, self.schema)
         for name, column in batch.items():  # as Predictor: part, index, part_rows
-            if name not in table.column_names and name not in ("image", "data"):
+            if name not in table.column_names and name not in NOT_WRITTEN:
                 table = table.append_column(name, pa.array(column))
         return table
 
@@ -119,9 +123,8 @@ def _cpu_seconds() -> float:
         except OSError:  # ended meanwhile
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        used[int(stat.parent.name)] = sum(
-            map(int, fields[11:15])
-        )  # utime stime cutime cstime
+        # utime, stime, cutime, cstime
+        used[int(stat.parent.name)] = sum(map(int, fields[11:15]))
     tree, todo = [], [os.getpid()]
     while todo:
         tree.append(todo.pop())
@@ -187,15 +190,17 @@ def _plan(spec: dict[str, Any], config: Any) -> dict[str, Any]:
 
 
 def _child(spec: dict[str, Any], log: Path) -> dict[str, Any]:
-    """Runs ``spec`` in a fresh driver process that starts its own Ray."""
+    """Runs ``spec`` in a fresh driver process that starts its own Ray; its record
+    comes back in a file (Ray forwards its workers' output to the driver's)."""
+    spec = {**spec, "record": str(log.with_suffix(".child.json"))}
     command = [sys.executable, __file__, "--child", json.dumps(spec)]
     env = {**os.environ, "RAY_ADDRESS": ""}  # never join a running cluster
     tic = time.perf_counter()
-    with log.open("w") as err:
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=err)
+    with log.open("w") as out:
+        done = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     if done.returncode:
         raise RuntimeError(f"{spec['kind']} failed:\n{log.read_text()[-4000:]}")
-    record = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    record = json.loads(Path(spec["record"]).read_text())
     return {**record, "process_s": round(time.perf_counter() - tic, 1)}
 
 
@@ -204,7 +209,7 @@ def _child(spec: dict[str, Any], log: Path) -> dict[str, Any]:
 
 def _pool(canvases: Path, out: Path, count: int = 320) -> list[str]:
     """``count`` JPEG crops (32-64 px squares) of the demo canvases."""
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     images = [Image.open(p).convert("RGB") for p in sorted(canvases.glob("*.png"))]
     for i in range(count):
@@ -216,7 +221,7 @@ def _pool(canvases: Path, out: Path, count: int = 320) -> list[str]:
 
 def _distinct_tars(pool: list[str], out: Path, count: int = 10) -> list[Path]:
     """``count`` WebDataset tars of :data:`PER_TAR` samples (``.jpg`` + ``.json``)."""
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     for t in range(count):
         with tarfile.open(out / f"{t}.tar", "w") as tar:
             for k in range(PER_TAR):
@@ -236,8 +241,10 @@ def _tars(distinct: list[Path], n: int, out: Path) -> str:
     return str(out / "*.tar")
 
 
-def _manifest(uris: Callable, n: int, out: Path, per_file: int = PER_MANIFEST) -> str:
-    """Parquet files of ``per_file`` rows, column ``uri``: ``uris(start, rows)``."""
+def _manifest(uris: Callable, n: int, out: Path) -> str:
+    """Parquet files of ``uri`` rows ``uris(start, rows)``; a file is 10^6 rows
+    (:data:`PER_PLAN_FILE`) when the manifest is only planned, else 10^4."""
+    per_file = PER_MANIFEST if uris is not _crawl_uris else PER_PLAN_FILE
     out.mkdir()
     for i, start in enumerate(range(0, n, per_file)):
         column = uris(start, min(per_file, n - start))
@@ -253,7 +260,7 @@ def _crawl_uris(start: int, rows: int) -> pa.Array:
 
 def _checkpoints(work: Path, config: dict[str, Any], teacher: bool) -> dict[str, str]:
     fixed = work / "fixed_boxes"  # FixedBoxes loads nothing; the digest needs a file
-    fixed.mkdir()
+    fixed.mkdir(exist_ok=True)
     (fixed / MODEL_FILE).write_bytes(b"FixedBoxes: no weights")
     if not teacher:
         return {FIXED: str(fixed)}
@@ -277,13 +284,18 @@ def _measure(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict | N
     base.update(views=VIEWS, inference={"batch_size": args.batch_size})
     checkpoints = _checkpoints(work, base, args.teacher_images > 0)
 
-    def spec(kind: str, model: str, images: str, i: int) -> dict[str, Any]:
-        unlabeled = {"images": images, "shard_size": PER_TAR, "column": "uri"}
-        config = {**base, "data": {**base["data"], "unlabeled": unlabeled}}
-        out, checkpoint = str(work / f"out{i}"), checkpoints[model]
-        return dict(
-            kind=kind, model=model, checkpoint=checkpoint, config=config, out=out
-        )
+    def run(name: str, kind: str, model: str, inputs: Callable[[Path], str]) -> dict:
+        """The record of one fresh driver, kept in ``work`` (a rerun skips it)."""
+        if not (record := work / f"{name}.json").exists():
+            for folder in (work / name, work / f"{name}-out"):
+                shutil.rmtree(folder, ignore_errors=True)
+            unlabeled = {"images": inputs(work / name), "shard_size": PER_TAR}
+            config = {**base, "data": {**base["data"], "unlabeled": unlabeled}}
+            spec = dict(kind=kind, model=model, checkpoint=checkpoints[model])
+            spec |= dict(config=config, out=str(work / f"{name}-out"))
+            record.write_text(json.dumps(_child(spec, work / f"{name}.log")))
+        print(name, record.read_text(), flush=True)
+        return json.loads(record.read_text())
 
     def draws(start: int, rows: int) -> np.ndarray:  # every part a distinct list
         return np.random.default_rng(start).choice(pool, rows)
@@ -291,21 +303,18 @@ def _measure(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict | N
     jobs = [(n, f, FIXED) for n in args.sizes for f in args.formats]
     jobs += [(args.teacher_images, "tars", TEACHER)] * (args.teacher_images > 0)
     runs = []
-    for i, (n, kind, model) in enumerate(jobs):
-        folder = work / f"inputs{i}"
-        images = (
-            _tars(distinct, n, folder)
-            if kind == "tars"
-            else _manifest(draws, n, folder)
-        )
-        run = _child(spec("label", model, images, i), work / f"run{i}.log")
-        runs.append({"format": kind, "images": n, "model": model, **run})
-        print(json.dumps(runs[-1]), flush=True)
+    for n, kind, model in jobs:
+        if kind == "tars":
+            inputs = functools.partial(_tars, distinct, n)
+        else:
+            inputs = functools.partial(_manifest, draws, n)
+        record = run(f"{model}-{kind}-{n}", "label", model, inputs)
+        runs.append({"format": kind, "images": n, "model": model, **record})
     if not args.plan_rows:
         return runs, None
-    crawl = _manifest(_crawl_uris, args.plan_rows, work / "crawl", PER_PLAN_FILE)
-    planned = _child(spec("plan", FIXED, crawl, len(jobs)), work / "plan.log")
-    print(json.dumps(planned), flush=True)
+    crawl = functools.partial(_manifest, _crawl_uris, args.plan_rows)
+    planned = run(f"plan-{args.plan_rows}", "plan", FIXED, crawl)
+    shutil.rmtree(work / f"plan-{args.plan_rows}", ignore_errors=True)  # GBs of URIs
     return runs, {"rows_in": args.plan_rows, **planned}
 
 
@@ -314,7 +323,7 @@ def _targets(runs: list[dict], planned: dict | None) -> dict[str, bool]:
     targets = {}
     for kind in dict.fromkeys(r["format"] for r in runs if r["model"] == FIXED):
         mine = [r for r in runs if r["model"] == FIXED and r["format"] == kind]
-        small, large = mine[0], mine[-1]  # sizes in the order given
+        small, large = mine[0], mine[-1]  # sizes ascending
         ratio = large["driver_peak_mb"] / small["driver_peak_mb"]
         if large["images"] > small["images"]:
             name = f"{kind}: driver RSS at {large['images']:,} < 1.2x at"
@@ -342,7 +351,7 @@ def _arguments() -> argparse.Namespace:
     add("--teacher-images", type=int, help="the real teacher's row (0: none)")
     add("--plan-rows", type=int, help="rows of the manifest to plan (0: none)")
     add("--batch-size", type=int, default=64, help="inference.batch_size")
-    add("--work", default=None, help="where the inputs are made (a temp folder)")
+    add("--work", help="keep inputs and records there: a rerun skips what is done")
     add("--results", default=str(ROOT / "benchmarks/results/scale.json"))
     add("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -364,10 +373,15 @@ def main() -> None:
         spec = json.loads(args.child)
         ray.init(num_cpus=CPUS, include_dashboard=False)
         config = parse_config(spec["config"])
-        print(json.dumps((_label if spec["kind"] == "label" else _plan)(spec, config)))
+        record = (_label if spec["kind"] == "label" else _plan)(spec, config)
+        Path(spec["record"]).write_text(json.dumps(record))
         return
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
-        runs, planned = _measure(args, Path(work))
+    if args.work is not None:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        runs, planned = _measure(args, Path(args.work))
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            runs, planned = _measure(args, Path(work))
     teacher = [r for r in runs if r["model"] == TEACHER]
     fixed = [r for r in runs if r["model"] == FIXED and r["format"] == "tars"]
     fixed = [r for r in fixed if teacher and r["images"] == teacher[0]["images"]]
@@ -396,31 +410,9 @@ def main() -> None:
 
 
 def _print(record: dict) -> None:
-    columns = [  # (header, key, width, format)
-        ("model stage", "model", "<12", ""),
-        ("format", "format", "<10", ""),
-        ("inputs", "images", ">10", ","),
-        ("first part s", "first_part_s", ">13", ""),
-        ("end s", "seconds", ">8", ""),
-        ("images/s", "images_per_s", ">10", ""),
-        ("per core", "images_per_s_per_core", ">10", ""),
-        ("per CPU-s", "images_per_cpu_s", ">10", ""),
-        ("driver MB", "driver_peak_mb", ">10", ".0f"),
-    ]
-    print("".join(f"{h:{w}}" for h, _, w, _ in columns))
-    for run in record["runs"]:
-        print("".join(f"{run[k]:{w}{f}}" for _, k, w, f in columns))
-    if record["teacher_over_fixed_boxes"] is not None:
-        print(f"teacher / FixedBoxes images/s: {record['teacher_over_fixed_boxes']}")
-    if (p := record["plan"]) is not None:
-        print(
-            f"planning {p['rows_in']:,} manifest rows ({p['sources']} files): driver "
-            f"{p['driver_s']} s, {p['driver_peak_mb']:.0f} MB; cluster "
-            f"{p['cluster_s']} s; list_parts of its {p['parts']:,} parts "
-            f"{p['list_parts_s']} s, driver {p['list_parts_peak_mb']:.0f} MB"
-        )
-    for target, met in record["targets"].items():
-        print(f"target {target}: {'met' if met else 'MISSED'}")
+    """The tables of RESULTS.md (one renderer: ``report.py``'s)."""
+    report = runpy.run_path(str(Path(__file__).with_name("report.py")))
+    print("\n".join(report["_scale"](record)))
 
 
 if __name__ == "__main__":
