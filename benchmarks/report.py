@@ -190,6 +190,14 @@ def _scale(r: dict) -> list[str]:
             f" The real teacher runs at **{r['teacher_over_fixed_boxes']:.4f}x** "
             "FixedBoxes' images/s."
         )
+    if (largest := max(x["images"] for x in r["runs"])) < 10**6:
+        rows += [
+            "",
+            f"**Not measured: 1,000,000 inputs** (this record stops at {largest:,}: "
+            "at the best images/s above a 10^6 row takes "
+            f"{10**6 / max(x['images_per_s'] for x in r['runs']) / 60:.0f} min per "
+            "format; `python benchmarks/scale.py --sizes 10000 1000000` runs it).",
+        ]
     if (p := r.get("plan")) is not None:
         rows += [
             "",
