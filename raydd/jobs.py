@@ -68,7 +68,7 @@ def smoke_config(output_dir: str | None, overrides: Sequence[str] = ()) -> Confi
     from raydd.models import offline_mobilenet_v2_weights
 
     workdir = Path(tempfile.mkdtemp(prefix="raydd-smoke-"))
-    sizes = DemoSizes(labeled=16, unlabeled=24, test=12, validation=8)
+    sizes = DemoSizes(labeled=8, unlabeled=12, test=6, validation=6)
     data = str(write_demo_dataset(workdir / "data", seed=0, sizes=sizes))
     weights = offline_mobilenet_v2_weights()
     output = output_dir or str(workdir / "output")

@@ -47,3 +47,23 @@ def weights() -> str:
 def tiny_config(demo: Path, out: Path, weights: str) -> dict:
     """A raw config dict for a run that takes about a minute on the tiny demo data."""
     return smoke_config(demo, out, weights)
+
+
+# `make test` runs on 2 xdist processes, a file per process at a time (--dist loadfile:
+# a file's module fixtures, e.g. the multi-node cluster, are set up once). The longest
+# files go first, so that none of them is left to run alone at the end.
+LONGEST_FIRST = (
+    "test_multinode.py",
+    "test_benchmarks.py",
+    "test_end_to_end.py",
+    "test_pseudo_label.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else 99
+
+    items.sort(key=rank)  # stable: each file keeps its own order

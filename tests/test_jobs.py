@@ -90,9 +90,9 @@ def test_smoke_config_writes_tiny_demo_data(tmp_path):
     assert config.teacher.iterations == 2
     assert (
         len(json.loads(Path(config.data.labeled.annotations).read_text())["images"])
-        == 16
+        == 8
     )
-    assert len(os.listdir(config.data.unlabeled.images)) == 24
+    assert len(os.listdir(config.data.unlabeled.images)) == 12
 
 
 @pytest.fixture

@@ -18,9 +18,7 @@ from multinode import (  # noqa: F401 (fixtures)
     s3_server,
 )
 
-# one xdist worker runs every multi-node test (`make test -n 2 --dist loadgroup`):
-# one cluster at a time, and the node-loss case reads the shared-data run's outputs
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
+pytestmark = pytest.mark.slow
 
 PROBE = """
 import json, os, sys
