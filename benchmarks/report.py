@@ -198,7 +198,12 @@ def _scale(r: dict) -> list[str]:
             f"{10**6 / max(x['images_per_s'] for x in r['runs']) / 60:.0f} min per "
             "format; `python benchmarks/scale.py --sizes 10000 1000000` runs it).",
         ]
-    if (p := r.get("plan")) is not None:
+    if (p := r.get("plan")) is None:
+        rows += [
+            "",
+            "**Not measured: planning the 10^8-row manifest** (`--plan-rows`).",
+        ]
+    else:
         rows += [
             "",
             f"Planning a {p['rows_in']:,}-row manifest ({p['sources']} Parquet "
