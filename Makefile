@@ -36,7 +36,7 @@ test-fast: $(VENV)/.installed
 
 # Benchmarks (not part of `make test`; their --smoke variants are): each writes
 # benchmarks/results/*.json, and benchmarks/RESULTS.md (tables + PNG plots) is
-# generated from those. About 3 hours on 2 CPU cores (scale.py alone ~65 min).
+# generated from those. About 3 hours on 2 CPU cores (scale.py alone over an hour).
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py
 	$(BIN)/python benchmarks/threshold_search.py

@@ -241,10 +241,8 @@ def _tars(distinct: list[Path], n: int, out: Path) -> str:
     return str(out / "*.tar")
 
 
-def _manifest(uris: Callable, n: int, out: Path) -> str:
-    """Parquet files of ``uri`` rows ``uris(start, rows)``; a file is 10^6 rows
-    (:data:`PER_PLAN_FILE`) when the manifest is only planned, else 10^4."""
-    per_file = PER_MANIFEST if uris is not _crawl_uris else PER_PLAN_FILE
+def _manifest(uris: Callable, n: int, out: Path, per_file: int = PER_MANIFEST) -> str:
+    """Parquet files of ``per_file`` ``uri`` rows: ``uris(start, rows)``."""
     out.mkdir()
     for i, start in enumerate(range(0, n, per_file)):
         column = uris(start, min(per_file, n - start))
@@ -312,7 +310,9 @@ def _measure(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict | N
         runs.append({"format": kind, "images": n, "model": model, **record})
     if not args.plan_rows:
         return runs, None
-    crawl = functools.partial(_manifest, _crawl_uris, args.plan_rows)
+    crawl = functools.partial(
+        _manifest, _crawl_uris, args.plan_rows, per_file=PER_PLAN_FILE
+    )
     planned = run(f"plan-{args.plan_rows}", "plan", FIXED, crawl)
     shutil.rmtree(work / f"plan-{args.plan_rows}", ignore_errors=True)  # GBs of URIs
     return runs, {"rows_in": args.plan_rows, **planned}
