@@ -10,6 +10,7 @@ path and name before any work starts and raises :class:`ConfigError` naming the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -108,7 +109,14 @@ class TrainConfig:
     """An iteration-based SGD schedule with linear warm-up and step decay (the paper's).
 
     Attributes:
-        iterations: training steps (the schedule is in steps, not epochs).
+        iterations: training steps (the schedule is in steps, as the paper's).
+        passes: when above 0, the schedule in passes over the run's own set
+            instead: ``iterations`` becomes the steps in which that set's images
+            per step (all of the teacher's batch, the student's pseudo-labeled
+            share) go over it ``passes`` times -- the labeled set for the teacher,
+            the pseudo-labeled set for the student and its control (the labeled
+            set when there is no pseudo-labeled image). So 10x more unlabeled
+            images give a 10x longer student (:func:`raydd.train.sized`).
         batch_size: images per worker per step.
         lr_milestones: the learning rate drops x0.1 at each of these fractions of
             ``iterations`` (the paper: 70% and 90%).
@@ -134,6 +142,7 @@ class TrainConfig:
     """
 
     iterations: int = 1000
+    passes: float = 0.0
     batch_size: int = 4
     lr: float = 0.02
     momentum: float = 0.9
@@ -457,6 +466,8 @@ def _check_train(name: str, cfg: TrainConfig) -> None:
         )
     if cfg.cpus_per_worker <= 0:
         raise ConfigError(f"{name}.cpus_per_worker must be positive")
+    if not 0 <= cfg.passes < math.inf:
+        raise ConfigError(f"{name}.passes must be 0 (off) or a positive number")
     if any(not 0.0 < m <= 1.0 for m in cfg.lr_milestones):
         raise ConfigError(f"{name}.lr_milestones are fractions of training in (0, 1]")
 

@@ -36,7 +36,7 @@ from raydd.layout import (
     Run,
 )
 from raydd.pseudo_label import read_candidates
-from raydd.student import pseudo_counts
+from raydd.student import pseudo_counts, student_schedule
 from raydd.threshold import (
     ThresholdResult,
     class_rates,
@@ -49,6 +49,7 @@ from raydd.threshold import (
     search_threshold,
     thresholds_by_label,
 )
+from raydd.train import sized
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +154,15 @@ def summarize(
             "pseudo_labeled": counts["pseudo_labeled"],
             "errors": counts["errors"],
         },
-        "schedules": {
-            name: schedule(cfg)
-            for name, cfg in (("teacher", config.teacher), ("student", config.student))
+        "schedules": {  # as trained: ``passes`` resolved to steps as the steps did
+            "teacher": schedule(
+                sized(
+                    config.teacher, len(labeled_set), schedule(config.teacher)["batch"]
+                )
+            ),
+            "student": schedule(
+                student_schedule(config, counts["pseudo_labeled"]).student
+            ),
         },
         "seconds": {
             **(json.loads(times.read_text()) if times.exists() else {}),

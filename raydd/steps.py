@@ -90,12 +90,20 @@ def _threshold(config: Config) -> str:
 
 
 def _student(config: Config) -> str:
-    from raydd.student import train_control, train_student
+    from raydd.student import (
+        pseudo_counts,
+        student_schedule,
+        train_control,
+        train_student,
+    )
     from raydd.threshold import load_threshold, thresholds_by_label
 
     result = load_threshold(config.output_dir)
     used = thresholds_by_label(result, config.threshold.per_class)
     parts = Run.of(config).shared(CANDIDATES_DIR)  # streamed to the workers
+    if config.student.passes:  # the student's steps, for the control too
+        counts = pseudo_counts(parts, used)
+        config = student_schedule(config, counts["pseudo_labeled"])
     done = f"checkpoint {train_student(config, parts, used)}"
     if config.student.control:
         done += f", control {train_control(config)}"

@@ -9,6 +9,8 @@ the step also trains the equal-compute control: labeled images only, same schedu
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,15 @@ import ray.data
 from raydd import schema
 from raydd.config import Config, single_view, to_dict
 from raydd.data.coco import Record
-from raydd.ingest import INDEX, LABELED, PSEUDO, prepare, record_row, to_batch
+from raydd.ingest import (
+    INDEX,
+    LABELED,
+    PSEUDO,
+    prepare,
+    record_row,
+    split_batch,
+    to_batch,
+)
 from raydd.layout import (
     CONTROL_DIR,
     STUDENT_DIR,
@@ -31,7 +41,9 @@ from raydd.layout import (
 from raydd.pseudo_label import candidates_dataset
 from raydd.teacher import augment_for, labeled_training_records
 from raydd.threshold import above_thresholds
-from raydd.train import TrainJob, fit
+from raydd.train import TrainJob, fit, sized
+
+logger = logging.getLogger(__name__)
 
 
 def pseudo_records(
@@ -138,6 +150,34 @@ def pseudo_counts(
     return totals
 
 
+def student_schedule(config: Config, pseudo_images: int) -> Config:
+    """``config`` with the student's schedule in steps: ``student.passes`` (when
+    set) over the ``pseudo_images`` (readable pseudo-labeled images; the labeled
+    set when there are none) at the student's pseudo-labeled images per step. The
+    control is trained on the schedule this returns, so both get the same steps."""
+    cfg = config.student
+    if not cfg.passes:
+        return config
+    workers = cfg.num_workers
+    if pseudo_images:
+        share = split_batch(cfg.batch_size, cfg.labeled_share, True)[1]
+        cfg = sized(cfg, pseudo_images, share * workers)
+        images, kind = pseudo_images, "pseudo-labeled"
+    else:
+        images = len(labeled_training_records(config).records)
+        cfg = sized(cfg, images, cfg.batch_size * workers)
+        kind = "labeled (no pseudo-labeled image)"
+    logger.info(
+        "student schedule: %d steps x %d images (%g passes over %d %s images)",
+        cfg.iterations,
+        cfg.batch_size * workers,
+        cfg.passes,
+        images,
+        kind,
+    )
+    return dataclasses.replace(config, student=dataclasses.replace(cfg, passes=0.0))
+
+
 def train_student(
     config: Config,
     candidates: Candidates,
@@ -151,8 +191,10 @@ def train_student(
     ``thresholds`` maps each label to the score its pseudo-labels must reach. With
     ``student.init: teacher`` the workers load the teacher from ``teacher`` (a
     folder or URI; default: the run's own, in storage on a cluster).
+    ``student.passes`` sizes the schedule (:func:`student_schedule`).
     """
     counts = pseudo_counts(candidates, thresholds)
+    config = student_schedule(config, counts["pseudo_labeled"])
     metadata = {
         "thresholds": {str(k): v for k, v in thresholds.items()},
         "pseudo_images": counts["pseudo_labeled"],
@@ -168,7 +210,13 @@ def train_control(config: Config, teacher: str | None = None) -> Path:
     """Trains the equal-compute control: the labeled images only, on exactly the
     student's schedule (steps, batch, learning rate, augmentation, init), so that
     ``student - control`` measures the pseudo-labels; returns ``OUTPUT_DIR/control``.
+    With ``student.passes``, pass the config :func:`student_schedule` returns.
     """
+    if config.student.passes:
+        raise ValueError(
+            "student.passes is set: train the control on the student's steps, "
+            "student_schedule(config, pseudo_images)"
+        )
     return _train(config, CONTROL_DIR, None, teacher, {})
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +19,9 @@ from raydd.data.coco import (
 )
 from raydd.ingest import LABELED, Augment, prepare
 from raydd.layout import TEACHER_DIR, TENSORBOARD_DIR, TRAIN_DIR, Run
-from raydd.train import TrainJob, fit
+from raydd.train import TrainJob, fit, sized
+
+logger = logging.getLogger(__name__)
 
 
 class LabeledSet(NamedTuple):
@@ -56,8 +60,19 @@ def labeled_training_records(config: Config) -> LabeledSet:
 
 
 def train_teacher(config: Config) -> Path:
-    """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``."""
+    """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``
+    (``teacher.passes``, when set, sizes the schedule to the labeled set)."""
     categories, records, names = labeled_training_records(config)
+    cfg = config.teacher
+    cfg = sized(cfg, len(records), cfg.batch_size * cfg.num_workers)
+    config = dataclasses.replace(config, teacher=cfg)
+    logger.info(
+        "teacher schedule: %d steps x %d images (%.2f passes over %d labeled images)",
+        cfg.iterations,
+        cfg.batch_size * cfg.num_workers,
+        cfg.iterations * cfg.batch_size * cfg.num_workers / max(len(records), 1),
+        len(records),
+    )
     run = Run.of(config)
     job = TrainJob(
         model=config.model,

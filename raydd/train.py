@@ -17,6 +17,7 @@ waited for data go to Ray Train and to TensorBoard (``log_dir``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 # continues a finished run; any other change starts a new run (TrainJob.run_name)
 RESUMABLE = (
     "iterations",
+    "passes",
     "checkpoint_every",
     "log_every",
     "eval_every",
@@ -68,6 +70,16 @@ RESUMABLE = (
 )
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.json"  # the last metrics the run reported
+
+
+def sized(train: TrainConfig, images: int, per_step: int) -> TrainConfig:
+    """``train`` with its ``iterations`` from ``passes`` when set: the steps in
+    which ``per_step`` images of a set go over its ``images`` ``passes`` times
+    (rounded up, at least one); as it is otherwise."""
+    if not train.passes:
+        return train
+    steps = math.ceil(train.passes * images / max(per_step, 1))
+    return dataclasses.replace(train, iterations=max(1, steps))
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
