@@ -185,6 +185,15 @@ def _scale(r: dict) -> list[str]:
         "driver's RSS right after `ray.init` (its imports, torch among them): "
         f"{min(x['after_ray_init_mb'] for x in r['runs']):,.0f} MB.",
     ]
+    fixed = [x for x in r["runs"] if x["model"] == "FixedBoxes"]
+    if len({x["images"] for x in fixed}) > 1:
+        small = min(fixed, key=lambda x: (x["images"], x["first_part_s"]))
+        rows[-1] += (
+            " Images/s per core is read at the largest size: a "
+            f"{small['images']:,}-input run spends {small['first_part_s']} of its "
+            f"{small['seconds']} s before its first part (Ray Data and the actors "
+            "starting)."
+        )
     if r.get("teacher_over_fixed_boxes"):
         rows[-1] += (
             f" The real teacher runs at **{r['teacher_over_fixed_boxes']:.4f}x** "
