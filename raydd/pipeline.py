@@ -37,6 +37,7 @@ from raydd.layout import (
 )
 from raydd.pseudo_label import read_candidates
 from raydd.student import pseudo_counts, student_schedule
+from raydd.teacher import teacher_schedule
 from raydd.threshold import (
     ThresholdResult,
     class_rates,
@@ -49,7 +50,6 @@ from raydd.threshold import (
     search_threshold,
     thresholds_by_label,
 )
-from raydd.train import sized
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +155,7 @@ def summarize(
             "errors": counts["errors"],
         },
         "schedules": {  # as trained: ``passes`` resolved to steps as the steps did
-            "teacher": schedule(
-                sized(
-                    config.teacher, len(labeled_set), schedule(config.teacher)["batch"]
-                )
-            ),
+            "teacher": schedule(teacher_schedule(config.teacher, len(labeled_set))),
             "student": schedule(
                 student_schedule(config, counts["pseudo_labeled"]).student
             ),

@@ -101,10 +101,9 @@ def _student(config: Config) -> str:
     result = load_threshold(config.output_dir)
     used = thresholds_by_label(result, config.threshold.per_class)
     parts = Run.of(config).shared(CANDIDATES_DIR)  # streamed to the workers
-    if config.student.passes:  # the student's steps, for the control too
-        counts = pseudo_counts(parts, used)
-        config = student_schedule(config, counts["pseudo_labeled"])
-    done = f"checkpoint {train_student(config, parts, used)}"
+    counts = pseudo_counts(parts, used)  # one pass, for the schedule and the student
+    config = student_schedule(config, counts["pseudo_labeled"])  # the control's too
+    done = f"checkpoint {train_student(config, parts, used, counts=counts)}"
     if config.student.control:
         done += f", control {train_control(config)}"
     return done

@@ -183,6 +183,7 @@ def train_student(
     candidates: Candidates,
     thresholds: dict[int, float],
     teacher: str | None = None,
+    counts: dict[str, int] | None = None,
 ) -> Path:
     """Trains the student; returns its exported checkpoint ``OUTPUT_DIR/student``.
 
@@ -191,9 +192,10 @@ def train_student(
     ``thresholds`` maps each label to the score its pseudo-labels must reach. With
     ``student.init: teacher`` the workers load the teacher from ``teacher`` (a
     folder or URI; default: the run's own, in storage on a cluster).
-    ``student.passes`` sizes the schedule (:func:`student_schedule`).
+    ``student.passes`` sizes the schedule (:func:`student_schedule`). ``counts``:
+    :func:`pseudo_counts` of these candidates, when the caller has them already.
     """
-    counts = pseudo_counts(candidates, thresholds)
+    counts = counts or pseudo_counts(candidates, thresholds)
     config = student_schedule(config, counts["pseudo_labeled"])
     metadata = {
         "thresholds": {str(k): v for k, v in thresholds.items()},

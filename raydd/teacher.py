@@ -59,12 +59,16 @@ def labeled_training_records(config: Config) -> LabeledSet:
     return LabeledSet(categories, records, keypoint_names(coco))
 
 
+def teacher_schedule(teacher: TrainConfig, labeled_images: int) -> TrainConfig:
+    """The teacher's schedule in steps (``passes`` over the labeled set, if set)."""
+    return sized(teacher, labeled_images, teacher.batch_size * teacher.num_workers)
+
+
 def train_teacher(config: Config) -> Path:
     """Trains the teacher; returns its exported checkpoint ``OUTPUT_DIR/teacher``
     (``teacher.passes``, when set, sizes the schedule to the labeled set)."""
     categories, records, names = labeled_training_records(config)
-    cfg = config.teacher
-    cfg = sized(cfg, len(records), cfg.batch_size * cfg.num_workers)
+    cfg = teacher_schedule(config.teacher, len(records))
     config = dataclasses.replace(config, teacher=cfg)
     logger.info(
         "teacher schedule: %d steps x %d images (%.2f passes over %d labeled images)",
