@@ -21,7 +21,7 @@ from raydd.config import load_config
 from raydd.data.demo import DemoSizes, data_overrides, write_demo_dataset
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.runtime import init_ray
-from raydd.steps import format_table, run_all
+from raydd.steps import format_table, run_all, schedules_note
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = [
@@ -83,6 +83,7 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(record, indent=2))
     print(format_table(summary))
+    print(schedules_note(summary))
     print(f"total {sum(summary['seconds'].values()):.0f} s; results: {results}")
 
 

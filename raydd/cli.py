@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("dir")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--labeled", type=int, default=300)
+    demo.add_argument("--labeled", type=int, default=100)
     demo.add_argument("--unlabeled", type=int, default=2000)
     demo.add_argument("--test", type=int, default=300)
     demo.add_argument("--validation", type=int, default=100)

@@ -36,7 +36,7 @@ from raydd.layout import (
     Run,
 )
 from raydd.pseudo_label import read_candidates
-from raydd.student import pseudo_counts, student_schedule
+from raydd.student import pseudo_counts, student_schedule, teacher_is_control
 from raydd.teacher import teacher_schedule
 from raydd.threshold import (
     ThresholdResult,
@@ -160,6 +160,12 @@ def summarize(
                 student_schedule(config, counts["pseudo_labeled"]).student
             ),
         },
+        # the labeled-only model on the student's schedule, if any
+        "baseline": "control"
+        if "control" in metrics
+        else "teacher"
+        if teacher_is_control(config, len(labeled_set), counts["pseudo_labeled"])
+        else None,
         "seconds": {
             **(json.loads(times.read_text()) if times.exists() else {}),
             **seconds,

@@ -47,7 +47,7 @@ from raydd.layout import (
     THRESHOLD_FILE,
 )
 from raydd.pseudo_label import read_candidates
-from raydd.steps import gains, models
+from raydd.steps import gains, models, schedules_note
 from raydd.student import pseudo_records
 from raydd.threshold import (
     ThresholdResult,
@@ -218,27 +218,8 @@ def _summary_section(run: RunOutputs) -> str:
 
 def _schedules(summary: dict[str, Any]) -> str:
     """What each model was trained on, and what the student's gain therefore means."""
-    schedules = summary.get("schedules")
-    if not schedules:
-        return ""
-    steps = "; ".join(
-        f"{name} {s['steps']} steps × {s['batch']} images"
-        for name, s in schedules.items()
-    )
-    if "control" in summary:
-        meaning = (
-            "the control is trained on the labeled images only with the student's "
-            "schedule: student − control is what the pseudo-labels add"
-        )
-    elif schedules["teacher"] == schedules["student"]:
-        meaning = "the teacher, on the same schedule, is the labeled-only control"
-    else:
-        meaning = (
-            "teacher and student have different schedules and there is no control "
-            "(student.control: true): student − teacher mixes what the "
-            "pseudo-labels add with what the other schedule adds"
-        )
-    return f"<p class=meta>Schedules: {_e(steps)}. {_e(meaning)}.</p>"
+    note = schedules_note(summary).replace(" x ", " × ").replace(" - ", " − ")
+    return f"<p class=meta>{_e(note)}</p>" if note else ""
 
 
 def _metric(summary: dict[str, Any], model: str, metric: str) -> str:

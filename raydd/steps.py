@@ -93,9 +93,11 @@ def _student(config: Config) -> str:
     from raydd.student import (
         pseudo_counts,
         student_schedule,
+        teacher_is_control,
         train_control,
         train_student,
     )
+    from raydd.teacher import labeled_training_records
     from raydd.threshold import load_threshold, thresholds_by_label
 
     result = load_threshold(config.output_dir)
@@ -104,9 +106,12 @@ def _student(config: Config) -> str:
     counts = pseudo_counts(parts, used)  # one pass, for the schedule and the student
     config = student_schedule(config, counts["pseudo_labeled"])  # the control's too
     done = f"checkpoint {train_student(config, parts, used, counts=counts)}"
-    if config.student.control:
-        done += f", control {train_control(config)}"
-    return done
+    if not config.student.control:
+        return done
+    labeled = len(labeled_training_records(config).records)
+    if teacher_is_control(config, labeled, counts["pseudo_labeled"]):
+        return done + ", control: the teacher (trained on the same schedule)"
+    return done + f", control {train_control(config)}"
 
 
 def _evaluate(config: Config) -> str:
@@ -115,12 +120,14 @@ def _evaluate(config: Config) -> str:
 
     tic = time.perf_counter()
     metrics = evaluate_all(config)
-    summarize(config, metrics, {"evaluate": round(time.perf_counter() - tic, 1)})
+    summary = summarize(
+        config, metrics, {"evaluate": round(time.perf_counter() - tic, 1)}
+    )
     try:
         write_report(config.output_dir)
     except Exception:  # noqa: BLE001 - a failed page must not fail a finished run
         logger.exception("could not write the report; retry with `raydd report`")
-    return f"{ap_line(metrics)}\n{format_table(metrics)}"
+    return f"{ap_line(metrics)}\n{format_table(metrics)}\n{schedules_note(summary)}"
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,32 @@ def format_table(metrics: dict[str, Any]) -> str:
     for name, gain in gains(metrics).items():
         rows.append((name, *(f"{gain[m]:+.4f}" for m in METRICS)))
     return "\n".join(f"{r[0]:<18}" + "".join(f"{c:>9}" for c in r[1:]) for r in rows)
+
+
+def schedules_note(summary: dict[str, Any]) -> str:
+    """What each model was trained on (``summary["schedules"]``), and therefore what
+    the student's gain means (``summary["baseline"]``: the labeled-only model on
+    the student's schedule -- ``control``, ``teacher`` -- or none)."""
+    schedules = summary.get("schedules")
+    if not schedules:
+        return ""
+    steps = "; ".join(
+        f"{name} {s['steps']} steps x {s['batch']} images"
+        for name, s in schedules.items()
+    )
+    meaning = {
+        "control": "The control is trained on the labeled images only with the "
+        "student's schedule: student - control is what the pseudo-labels add",
+        "teacher": "The teacher is trained on the student's schedule (steps, batch, "
+        "learning rate, augmentation, initial weights): it is the labeled-only "
+        "control, and student - teacher is what the pseudo-labels add",
+    }.get(
+        summary.get("baseline"),
+        "The teacher is not trained on the student's schedule and there is no "
+        "control (student.control: true): student - teacher mixes what the "
+        "pseudo-labels add with what else differs (schedule, initial weights)",
+    )
+    return f"Schedules: {steps}. {meaning}."
 
 
 def ap_line(metrics: dict[str, Any]) -> str:

@@ -4,7 +4,8 @@ Every minibatch mixes a fixed share of labeled images (``student.labeled_share``
 paper's 6:4 by default) with pseudo-labeled ones. The student starts from the initial
 weights (pretrained backbone) by default -- retraining beat fine-tuning in the paper;
 ``student.init: teacher`` starts from the teacher instead. With ``student.control``
-the step also trains the equal-compute control: labeled images only, same schedule.
+the step also trains the equal-compute control: labeled images only, same schedule
+-- unless the teacher already is that model (:func:`teacher_is_control`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from raydd.layout import (
     Run,
 )
 from raydd.pseudo_label import candidates_dataset
-from raydd.teacher import augment_for, labeled_training_records
+from raydd.teacher import augment_for, labeled_training_records, teacher_schedule
 from raydd.threshold import above_thresholds
 from raydd.train import TrainJob, fit, sized
 
@@ -206,6 +207,38 @@ def train_student(
         pseudo_dataset(candidates, thresholds) if counts["pseudo_labeled"] else None
     )
     return _train(config, STUDENT_DIR, pseudo, teacher, metadata)
+
+
+# What a labeled-only run learns from besides its data: equal in two runs, they are
+# the same model up to seed noise (checkpointing, evaluation and resources aside).
+SCHEDULE_FIELDS = (
+    "iterations",
+    "batch_size",
+    "num_workers",
+    "max_workers",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_iterations",
+    "lr_milestones",
+    "hflip_prob",
+    "use_gpu",
+    "amp",
+)
+
+
+def teacher_is_control(config: Config, labeled_images: int, pseudo_images: int) -> bool:
+    """Whether the teacher already is the student's equal-compute control: the
+    paper's protocol, where the teacher is retrained-from-scratch's labeled-only
+    baseline on the student's schedule (steps, batch, learning rate and its
+    schedule, augmentation; ``passes`` resolved for ``labeled_images`` and
+    ``pseudo_images``) and the student starts from the same initial weights. Then
+    ``student.control`` trains nothing more: the teacher is the control."""
+    teacher = teacher_schedule(config.teacher, labeled_images)
+    student = student_schedule(config, pseudo_images).student
+    return config.student.init == "pretrained" and all(
+        getattr(teacher, f) == getattr(student, f) for f in SCHEDULE_FIELDS
+    )
 
 
 def train_control(config: Config, teacher: str | None = None) -> Path:

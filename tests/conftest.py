@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,13 @@ def ray_local():
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield ray
+    # Ray Data's threads of a pipeline a test closed early can still be fetching
+    # blocks: Ray shut down under them ends the process ("The core worker has
+    # already been shutdown"). Let them finish first.
+    for thread in threading.enumerate():
+        if thread.name == "iter_threaded" or thread.name.startswith("StreamingExec"):
+            thread.join(timeout=10)
+    gc.collect()  # Ray objects the tests left behind go while Ray is still up
     ray.shutdown()
 
 

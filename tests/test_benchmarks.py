@@ -5,8 +5,11 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib.image import imread
+
+from raydd.ingest import RowStream, Shuffle, next_batch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -120,13 +123,41 @@ def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     runpy.run_path(str(BENCHMARKS / "train_throughput.py"), run_name="__main__")
     record = json.loads(results.read_text())
     assert record["smoke"] is True and record["batch_size"] == 5
-    assert record["plain"]["before"]["timed_steps"] == 4
-    assert [i["step"] for i in record["ray_train"]["intervals"]] == [4, 6]
-    assert record["ray_train"]["images_per_s"] > 0
+    runs = {run["variant"]: run for run in record["runs"]}
+    assert list(runs) == ["preloaded", "dataloader", "ray_train"]
+    assert {run["timed_steps"] for run in runs.values()} == {4}
+    assert [i["step"] for i in runs["ray_train"]["intervals"]] == [4, 6]
+    assert all(run["images_per_s"] > 0 for run in runs.values())
     assert 0.0 <= record["data_wait_share"] < 1.0
-    assert "Ray Train / plain" in capsys.readouterr().out
+    assert "Ray Train / plain loop + DataLoader" in capsys.readouterr().out
     module = runpy.run_path(str(BENCHMARKS / "report.py"))
     assert module["_train_throughput"](record)[2].startswith("| plain torch loop")
+
+
+def test_the_plain_loops_get_the_ray_train_workers_minibatches(ray_local, tmp_path):
+    """The throughput benchmark's plain loops train on exactly the rows, order and
+    augmentation draws that a Ray Train worker's streams give."""
+    bench = runpy.run_path(str(BENCHMARKS / "train_throughput.py"))
+    sizes = bench["DemoSizes"](labeled=7, validation=5, unlabeled=1, test=1)
+    data = bench["write_demo_dataset"](tmp_path / "data", seed=0, sizes=sizes)
+    config = bench["_config"](tmp_path, data, 6, 2, True)
+    job, datasets, augment = bench["_job"](config, tmp_path)
+    undecoded = {name: bench["_undecoded"](ds) for name, ds in datasets.items()}
+    per_step = {"labeled": 3, "pseudo": 2}
+    plain = list(bench["_Steps"](undecoded, per_step, augment, config.student.seed, 6))
+    shuffles = {n: Shuffle(config.student.seed, n) for n in per_step}
+    streams = {
+        n: RowStream(datasets[n].iterator(), k, shuffle=shuffles[n])
+        for n, k in per_step.items()
+    }
+    for step in plain:  # 6 steps: past the end of both sets' first epoch
+        expected = next_batch(streams, per_step)
+        assert [r["path"] for r in step] == [r["path"] for r in expected]
+        for mine, theirs in zip(step, expected, strict=True):
+            np.testing.assert_array_equal(mine["image"], theirs["image"])
+            np.testing.assert_allclose(mine["boxes"], theirs["boxes"])
+    for stream in streams.values():
+        stream.close()
 
 
 @pytest.mark.slow

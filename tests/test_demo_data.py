@@ -15,6 +15,7 @@ from raydd.data.demo import (
     extreme_points,
     write_demo_dataset,
 )
+from raydd.student import teacher_is_control
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,15 @@ def test_data_overrides_point_the_demo_config_at_a_written_dataset(demo_dir):
     assert config.data.test.images == str(demo_dir / "test")
     assert config.data.validation.images == str(demo_dir / "validation")
     assert config.data.unlabeled.images == str(demo_dir / "unlabeled")
+
+
+def test_the_demo_follows_the_papers_protocol(demo_dir):
+    """The teacher trains on the student's schedule, so it is the equal-compute
+    labeled-only control (the demo's 100 labeled and 2,000 unlabeled images)."""
+    config = load_config(ROOT / "configs/demo.yaml", data_overrides(demo_dir))
+    assert config.student.control and config.student.init == "pretrained"
+    assert config.student.labeled_share == 0.6  # the paper's 6:4
+    assert teacher_is_control(config, labeled_images=100, pseudo_images=2000)
 
 
 def test_demo_data_without_the_demo_extra_names_it(tmp_path, monkeypatch, capsys):

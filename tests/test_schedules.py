@@ -8,7 +8,12 @@ from conftest import tiny_config
 from test_student import THRESHOLDS, _candidates
 
 from raydd.config import ConfigError, TrainConfig, parse_config
-from raydd.student import student_schedule, train_control, train_student
+from raydd.student import (
+    student_schedule,
+    teacher_is_control,
+    train_control,
+    train_student,
+)
 from raydd.teacher import train_teacher
 from raydd.train import sized
 
@@ -76,6 +81,34 @@ def test_teacher_and_student_train_the_resolved_steps(
     assert dataclasses.replace(student, iterations=1, passes=1.0) == (
         dataclasses.replace(config.student, iterations=1)
     )  # nothing else changed
+
+
+def test_the_teacher_is_the_control_only_on_the_students_schedule(
+    demo_dir, tmp_path, weights
+):
+    same = [
+        "teacher.iterations=30", "teacher.batch_size=5", "teacher.lr=0.01",
+        "student.iterations=30", "student.batch_size=5", "student.lr=0.01",
+        "teacher.eval_every=10", "student.checkpoint_every=7",  # not the schedule
+    ]  # fmt: skip
+    assert teacher_is_control(_config(demo_dir, tmp_path, weights, *same), 8, 40)
+    for other in [
+        "student.iterations=31",
+        "student.batch_size=4",
+        "student.lr=0.02",
+        "student.warmup_iterations=3",
+        "student.hflip_prob=0.3",
+        "student.init=teacher",  # fine-tuned: not the labeled-only baseline
+    ]:
+        config = _config(demo_dir, tmp_path, weights, *same, other)
+        assert not teacher_is_control(config, 8, 40), other
+    # passes resolved first: 15 passes over 8 labeled images at 4 a step is 30
+    # steps; 3 passes over 40 pseudo-labeled images at 2 a step is 60 steps
+    passes = [*same, "teacher.passes=15", "teacher.batch_size=4",
+              "student.batch_size=4", "student.labeled_share=0.5"]  # fmt: skip
+    assert teacher_is_control(_config(demo_dir, tmp_path, weights, *passes), 8, 40)
+    longer = _config(demo_dir, tmp_path, weights, *passes, "student.passes=3")
+    assert not teacher_is_control(longer, 8, 40)
 
 
 @pytest.mark.parametrize("value", ["-1", ".nan", ".inf"])

@@ -39,6 +39,23 @@ def test_the_gain_over_the_equal_compute_control_comes_first():
     assert table[6].split()[:4] == ["student", "-", "teacher", "+0.1000"]
 
 
+def test_the_schedules_say_what_the_gain_means():
+    schedules = {
+        "teacher": {"steps": 600, "batch": 5, "images": 3000},
+        "student": {"steps": 600, "batch": 5, "images": 3000},
+    }
+    note = steps.schedules_note({"schedules": schedules, "baseline": "teacher"})
+    assert note.startswith(
+        "Schedules: teacher 600 steps x 5 images; student 600 steps x 5 images. "
+    )
+    assert "it is the labeled-only control" in note
+    control = steps.schedules_note({"schedules": schedules, "baseline": "control"})
+    assert "student - control is what the pseudo-labels add" in control
+    mixed = steps.schedules_note({"schedules": schedules, "baseline": None})
+    assert "mixes what the pseudo-labels add" in mixed
+    assert steps.schedules_note({}) == ""
+
+
 def test_logging_shows_raydd_lines_once():
     code = (
         "import logging; from raydd.runtime import setup_logging\n"

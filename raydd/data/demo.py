@@ -32,7 +32,7 @@ KEYPOINT_SKELETON = ([1, 3], [3, 2], [2, 4], [4, 1])
 
 @dataclass(frozen=True)
 class DemoSizes:
-    labeled: int = 300
+    labeled: int = 100
     unlabeled: int = 2000
     test: int = 300
     validation: int = 100
