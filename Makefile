@@ -42,7 +42,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/threshold_search.py
 	$(BIN)/python benchmarks/fusion.py --threads 1 --device cpu --images 64
 	$(BIN)/python benchmarks/pseudo_label_throughput.py --images 100 --canvas 256 --batch-size 8
-	$(BIN)/python benchmarks/train_throughput.py --iterations 60 --log-every 10 --images 64
+	$(BIN)/python benchmarks/train_throughput.py --iterations 200 --log-every 20 --images 64 --repeats 3
 	$(BIN)/python benchmarks/cluster.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/report.py

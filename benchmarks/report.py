@@ -543,9 +543,14 @@ def _throughput_rows(r: dict) -> list[tuple[str, str]]:
             )
         ]
     if name == "distill_demo":
+        schedules = "; ".join(
+            f"{k} {v['steps']} x {v['batch']}"
+            for k, v in r.get("schedules", {}).items()
+        )  # older records: the demo config of their date
         return [
             (
-                "whole method on the demo (`configs/demo.yaml`)",
+                f"whole method on the demo (`configs/demo.yaml` of {r['date']}"
+                + (f": {schedules})" if schedules else ")"),
                 f"**{sum(r['seconds'].values()) / 60:.1f} min**: "
                 + ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items()),
             )
