@@ -62,6 +62,8 @@ AUGMENT_KEY = "raydd.augment"  # where prepare() keeps the Augment: DataContext 
 ROWS_PER_BLOCK = 64  # undecoded rows per Ray Data block
 AUGMENT_BATCH = 16  # images per Augment call (and per output block)
 PASS_ROWS = 64  # rows per decoding pipeline: several epochs of a small set at once
+# (each start shows as a ~1-2 s data wait; yet 1,024 measured 3.4x slower steps on 2
+# CPUs -- 3.1 vs 10.7 images/s, benchmarks/train_throughput.py -- cause not found)
 _ORDER, _DRAW = 0, 1  # first word of the seeds: orders and draws never share one
 
 

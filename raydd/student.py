@@ -229,11 +229,11 @@ SCHEDULE_FIELDS = (
 
 def teacher_is_control(config: Config, labeled_images: int, pseudo_images: int) -> bool:
     """Whether the teacher already is the student's equal-compute control: the
-    paper's protocol, where the teacher is retrained-from-scratch's labeled-only
-    baseline on the student's schedule (steps, batch, learning rate and its
-    schedule, augmentation; ``passes`` resolved for ``labeled_images`` and
-    ``pseudo_images``) and the student starts from the same initial weights. Then
-    ``student.control`` trains nothing more: the teacher is the control."""
+    paper's protocol, where the teacher is the labeled-only model trained on the
+    student's schedule (steps, batch, learning rate and its decay, augmentation;
+    ``passes`` resolved for ``labeled_images`` and ``pseudo_images``) and the
+    student starts from the same initial weights. Then ``student.control`` trains
+    nothing more: the teacher is the control."""
     teacher = teacher_schedule(config.teacher, labeled_images)
     student = student_schedule(config, pseudo_images).student
     return config.student.init == "pretrained" and all(
