@@ -83,6 +83,7 @@ def test_run_writes_a_complete_summary(ray_local, demo_dir, weights, tmp_path, c
     assert "pseudo_instances" not in control and student["pseudo_instances"] >= 0
     assert set(summary["control"]) == {"AP", "AP50", "AP75"}
     assert summary["schedules"]["student"] == {"steps": 4, "batch": 5, "images": 20}
+    assert summary["baseline"] == "control"  # the gain the table leads with
     printed = capsys.readouterr().out
     assert printed.index("student - control") < printed.index("student - teacher")
     # and ends with the HTML report: every section, every picture embedded
