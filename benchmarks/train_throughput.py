@@ -39,10 +39,8 @@ import json
 import os
 import platform
 import statistics
-import struct
 import tempfile
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -50,7 +48,6 @@ import numpy as np
 import ray
 import torch
 import yaml
-from tensorboardX.proto import event_pb2
 
 from raydd.config import Config, parse_config
 from raydd.data.coco import coco_records
@@ -68,7 +65,7 @@ from raydd.ingest import (
 )
 from raydd.models import offline_mobilenet_v2_weights
 from raydd.teacher import augment_for, labeled_training_records
-from raydd.train import TrainJob, _build, fit, sgd_schedule
+from raydd.train import TrainJob, _build, fit, read_scalars, sgd_schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_MODEL = {"min_size": [128], "max_size": 128}
@@ -99,30 +96,13 @@ def _config(work: Path, data: Path, iterations: int, log_every: int, smoke: bool
     return parse_config(raw)
 
 
-def _read_scalars(log_dir: str) -> dict[str, list[tuple[int, float, float]]]:
-    """``tag -> [(step, wall_time, value)]`` from TensorBoard event files (TFRecord
-    framing: u64 length, u32 crc, payload, u32 crc) without TensorFlow."""
-    scalars = defaultdict(list)
-    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                scalars[value.tag].append(
-                    (event.step, event.wall_time, value.simple_value)
-                )
-    return scalars
-
-
 def _ray_train(config: Config, job: TrainJob, datasets: dict, work: Path) -> dict:
     """Runs ``fit``; steady-state throughput from its TensorBoard events."""
     cfg = job.train
     tic = time.perf_counter()
     fit(job, datasets, "train_throughput", work / "storage", work / "export")
     seconds = time.perf_counter() - tic
-    scalars = _read_scalars(job.log_dir)
+    scalars = read_scalars(job.log_dir)
     # per report interval, as Ray Train reports them (the first is left out)
     intervals = [
         (step, images_per_s, wait)

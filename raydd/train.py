@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import struct
 import tempfile
 import time
 from collections import defaultdict
@@ -36,6 +37,7 @@ import ray.train
 import ray.train.torch
 import torch
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 from raydd import storage
 from raydd.checkpoint import load_state_dict, save_detector
@@ -375,6 +377,24 @@ class _TensorBoard:
         self.flush()
         if self.folder != self.location:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def read_scalars(log_dir: str) -> dict[str, list[tuple[int, float, float]]]:
+    """``tag -> [(step, wall_time, value)]`` from the TensorBoard event files in the
+    local folder ``log_dir`` (e.g. ``test/AP`` of :func:`fit`'s evaluations), read
+    without TensorFlow (TFRecord framing: u64 length, u32 crc, payload, u32 crc)."""
+    scalars = defaultdict(list)
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
+            for value in event.summary.value:
+                scalars[value.tag].append(
+                    (event.step, event.wall_time, value.simple_value)
+                )
+    return scalars
 
 
 def _step(

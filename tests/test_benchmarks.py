@@ -33,7 +33,7 @@ def test_distill_demo_smoke(ray_local, tmp_path, monkeypatch, capsys):
     record = json.loads(results.read_text())
     assert record["smoke"] is True and record["images"]["unlabeled"] == 10
     assert set(record["student"]) == {"AP", "AP50", "AP75"}
-    assert "student - teacher" in capsys.readouterr().out
+    assert "student - control (the teacher)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -170,6 +170,8 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         "argv",
         [
             "paper.py",
+            "--part",
+            "all",
             "--smoke",
             "--iterations",
             "3",
@@ -184,10 +186,20 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert record["smoke"] is True and len(record["seeds"]) == 1
     assert record["schedule"]["teacher"]["iterations"] == 3
     assert record["schedule"]["student"]["iterations"] == 3
+    assert record["schedule"]["fine_tuned"] == {
+        "init": "teacher",
+        "iterations": 2,  # half the schedule, rounded
+        "checkpoint_every": 2,
+    }
     seed = record["seeds"][0]
-    for key in ("teacher", "teacher_views", "retrained", "fine_tuned"):
+    arms = ("teacher", "teacher_views", "retrained", "fine_tuned")
+    for key in (*arms, "fine_tuned_control"):
         assert set(record["summary"][key]) == {"AP", "AP50", "AP75"}
         assert 0.0 <= seed[key]["AP"] <= 1.0
+    # the teacher scored along its schedule; the last point is the exported teacher
+    assert [p["step"] for p in seed["teacher_curve"]] == [1, 2, 3]
+    last = seed["teacher_curve"][-1]["AP"]
+    assert last == pytest.approx(seed["teacher"]["AP"], abs=1e-6)
     # 0% of the unlabeled images: labeled only; 100%: every readable one
     assert [p["fraction"] for p in record["quantity"]] == [0.0, 1.0]
     assert [p["pseudo_images"] for p in record["quantity"]] == [0, 10]
@@ -202,7 +214,7 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     points = record["threshold"]["points"]
     assert [p["heuristic"] for p in points].count(True) == 1
     assert [p["share"] for p in record["labeled_share"]] == [0.6]
-    assert "student - teacher" in capsys.readouterr().out
+    assert "student - control (the teacher)" in capsys.readouterr().out
 
     module = runpy.run_path(str(BENCHMARKS / "report.py"))
     lines = module["_paper"](record, plots=tmp_path / "plots")
@@ -213,7 +225,7 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         assert pixels.std() > 0.05, name  # not a blank canvas
     assert any("(heuristic)" in line for line in lines)
 
-    # `paper.py --students-only` records hold experiment 1 only
+    # `paper.py --part students` records hold experiment 1 only
     sweeps = ("quantity", "views_ablation", "threshold", "labeled_share")
     only = {key: value for key, value in record.items() if key not in sweeps}
     lines = module["_paper"](only, plots=tmp_path / "only", prefix="long")
