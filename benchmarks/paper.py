@@ -360,6 +360,20 @@ def views_ablation(seed0: dict) -> list[dict]:
     return rows
 
 
+def build_config(work: Path, smoke: bool, iterations: int | None = None) -> Config:
+    """The bench's config: the demo's, on the data in ``work/data``, writing
+    under ``work/output``, with the bench schedule (``iterations`` steps)."""
+    overrides = [
+        *data_overrides(work / "data"),
+        f"output_dir={work / 'output'}",
+        f"model.backbone_weights={offline_mobilenet_v2_weights()}",
+    ]
+    iterations = iterations or (SMOKE_ITERATIONS if smoke else ITERATIONS)
+    steps = schedule(iterations, 1 if smoke else EVAL_EVERY)
+    steps += SMOKE_OVERRIDES if smoke else []
+    return load_config(ROOT / "configs/demo.yaml", overrides + steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -395,16 +409,8 @@ def main() -> None:
     tic = time.perf_counter()
     work = Path(args.output_dir or tempfile.mkdtemp(prefix="raydd-paper-"))
     sizes = SMOKE_SIZES if args.smoke else SIZES
-    data = write_demo_dataset(work / "data", seed=0, sizes=sizes)
-    overrides = [
-        *data_overrides(data),
-        f"output_dir={work / 'output'}",
-        f"model.backbone_weights={offline_mobilenet_v2_weights()}",
-    ]
-    iterations = args.iterations or (SMOKE_ITERATIONS if args.smoke else ITERATIONS)
-    steps = schedule(iterations, 1 if args.smoke else EVAL_EVERY)
-    steps += SMOKE_OVERRIDES if args.smoke else []
-    config = load_config(ROOT / "configs/demo.yaml", overrides + steps)
+    write_demo_dataset(work / "data", seed=0, sizes=sizes)
+    config = build_config(work, args.smoke, args.iterations)
     init_ray()
 
     rows, seed0 = [], None

@@ -177,11 +177,22 @@ class StudentConfig(TrainConfig):
             images only with exactly this schedule (steps, batch, learning rate,
             augmentation, init), so ``student - control`` is what the
             pseudo-labels add, not what a longer schedule adds.
+        ignore_band: pseudo-boxes scoring less than their threshold by at most
+            this much are *ignored*: neither foreground nor background for the
+            RPN's anchors and the box head's proposals they match (R-CNN models;
+            ``0``: off, every box under the threshold is dropped).
+        pseudo_min_size: training scales (shorter side) of the pseudo-labeled
+            images; empty: the model's ``min_size``, as for the labeled ones.
+        pseudo_color_jitter: brightness and contrast of each pseudo-labeled image
+            scaled by factors drawn from ``[1 - j, 1 + j]`` (``0``: off).
     """
 
     labeled_share: float = 0.6
     init: str = "pretrained"
     control: bool = False
+    ignore_band: float = 0.0
+    pseudo_min_size: tuple[int, ...] = ()
+    pseudo_color_jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -521,11 +532,27 @@ def validate(config: Config) -> None:
             f"student.init must be 'pretrained' or 'teacher', got "
             f"{config.student.init!r}"
         )
+    _check_pseudo_options(config)
     if config.threshold.search not in ("grid", "optuna"):
         raise ConfigError(
             f"threshold.search must be 'grid' or 'optuna', got "
             f"{config.threshold.search!r}"
         )
+
+
+def _check_pseudo_options(config: Config) -> None:
+    student = config.student
+    if not 0.0 <= student.ignore_band <= 1.0:
+        raise ConfigError("student.ignore_band is a score difference in [0, 1]")
+    if student.ignore_band and "rcnn" not in config.model.name:
+        raise ConfigError(
+            "student.ignore_band needs a two-stage R-CNN model (RPN + box head), "
+            f"got model.name {config.model.name!r}"
+        )
+    if any(size <= 0 for size in student.pseudo_min_size):
+        raise ConfigError("student.pseudo_min_size: positive numbers of pixels")
+    if not 0.0 <= student.pseudo_color_jitter < 1.0:
+        raise ConfigError("student.pseudo_color_jitter must be in [0, 1)")
 
 
 def validate_names(config: Config) -> None:

@@ -27,7 +27,7 @@ column        dtype / shape           meaning
 ``index``     int64                   its position in its set (the row's identity)
 ``image``     uint8 ``[H, W, 3]``     RGB at the training scale, maybe mirrored
 ``boxes``     float32 ``[N, 4]``      xyxy pixels of ``image``
-``labels``    int64 ``[N]``           contiguous labels ``1..K``
+``labels``    int64 ``[N]``           contiguous labels ``1..K``, or :data:`IGNORE`
 ``masks``     uint8 ``[N, H, W]``     (Mask R-CNN) binary instance masks
 ``keypoints`` float32 ``[N, K, 3]``   (Keypoint R-CNN) ``x, y, v`` in pixels
 ============= ====================== ============================================
@@ -58,6 +58,11 @@ logger = logging.getLogger(__name__)
 LABELED, PSEUDO = "labeled", "pseudo"
 INDEX = "index"  # a training row's position in its set
 DRAWS = "draws"  # int64 [5]: the seed of a row's augmentation draws (Shuffle.draws)
+# The label of a pseudo-box in the student's ignore band (``student.ignore_band``):
+# torchvision's R-CNN samplers already leave label -1 out of the box head's loss,
+# and raydd's RPN leaves the anchors it matches out of its own
+# (:class:`raydd.models.IgnoreAwareRPN`).
+IGNORE = -1
 AUGMENT_KEY = "raydd.augment"  # where prepare() keeps the Augment: DataContext config
 ROWS_PER_BLOCK = 64  # undecoded rows per Ray Data block
 AUGMENT_BATCH = 16  # images per Augment call (and per output block)
@@ -137,6 +142,8 @@ class Augment:
             keypoint, so it also gives ``K``.
         masks: decode ``masks`` (RLE) into uint8 ``[N, H, W]``.
         keypoints: emit ``keypoints`` as ``[N, K, 3]``.
+        color_jitter: brightness and contrast factors drawn from ``[1 - j, 1 + j]``
+            (``0``: none, and no draw: the other draws stay as they were).
     """
 
     min_sizes: tuple[int, ...]
@@ -145,6 +152,7 @@ class Augment:
     flip_permutation: tuple[int, ...] = ()
     masks: bool = False
     keypoints: bool = False
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.keypoints and not self.flip_permutation:
@@ -163,7 +171,8 @@ class Augment:
         return to_batch(rows)
 
     def row(self, row: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """One row: decode, resize to a drawn scale, mirror with ``hflip_prob``."""
+        """One row: decode, resize to a drawn scale, mirror with ``hflip_prob``,
+        jitter the colours with ``color_jitter``."""
         path = str(row[schema.PATH])
         data = read_bytes(path)
         height, width = int(row[schema.HEIGHT]), int(row[schema.WIDTH])
@@ -194,6 +203,8 @@ class Augment:
             target[schema.KEYPOINTS] = points * torch.tensor([*scale[:2], 1.0])
         if rng.random() < self.hflip_prob:
             pixels, target = pixels[:, ::-1], self.hflip(target, size[1])
+        if self.color_jitter:
+            pixels = jitter(pixels, *rng.uniform(-1, 1, 2) * self.color_jitter + 1)
         return {
             schema.PATH: str(row[schema.PATH]),
             **({INDEX: int(row[INDEX])} if INDEX in row else {}),
@@ -213,6 +224,15 @@ class Augment:
             points[points[..., 2] == 0] = 0  # unlabeled stays (0, 0, 0)
             out[schema.KEYPOINTS] = points
         return out
+
+
+def jitter(pixels: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` with its contrast scaled around the image's mean grey
+    by ``contrast``, then everything by ``brightness`` (clipped to 0..255)."""
+    x = pixels.astype(np.float32)
+    mean = x.mean()
+    x = ((x - mean) * contrast + mean) * brightness
+    return np.clip(x.round(), 0, 255).astype(np.uint8)
 
 
 def _resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

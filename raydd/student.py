@@ -20,12 +20,14 @@ import pandas as pd
 import ray.data
 
 from raydd import schema
-from raydd.config import Config, single_view, to_dict
+from raydd.config import Config, StudentConfig, single_view, to_dict
 from raydd.data.coco import Record
 from raydd.ingest import (
+    IGNORE,
     INDEX,
     LABELED,
     PSEUDO,
+    Augment,
     prepare,
     record_row,
     split_batch,
@@ -41,31 +43,35 @@ from raydd.layout import (
 )
 from raydd.pseudo_label import candidates_dataset
 from raydd.teacher import augment_for, labeled_training_records, teacher_schedule
-from raydd.threshold import above_thresholds
+from raydd.threshold import above_thresholds, in_band
 from raydd.train import TrainJob, fit, sized
 
 logger = logging.getLogger(__name__)
 
 
 def pseudo_records(
-    candidates: pd.DataFrame, thresholds: dict[int, float]
+    candidates: pd.DataFrame, thresholds: dict[int, float], ignore_band: float = 0.0
 ) -> list[Record]:
     """Hard pseudo-labels: every readable image, with the candidates scoring at least
     their label's threshold (``thresholds``: label -> threshold; labels missing from
     it are dropped). Masks and keypoints come along when the candidates have them.
+    With ``ignore_band``, the candidates up to that much below their threshold come
+    too, labeled :data:`~raydd.ingest.IGNORE` (neither object nor background).
 
     Images left with no instance stay in (as background), as in the paper.
     """
     records = []
     for row in candidates[candidates[schema.ERROR] == ""].to_dict("records"):
         dets = schema.detections_from_row(row)
-        keep = above_thresholds(dets, thresholds)
+        band = in_band(dets, thresholds, ignore_band)
+        keep = above_thresholds(dets, thresholds) | band
+        labels = np.where(band, IGNORE, dets[schema.LABELS])
         masks, points = dets.get(schema.MASKS), dets.get(schema.KEYPOINTS)
         records.append(
             Record(
                 row[schema.PATH],
                 dets[schema.BOXES][keep],
-                dets[schema.LABELS][keep],
+                labels[keep],
                 None if masks is None else masks[keep],
                 None if points is None else points[keep],
                 int(row[schema.HEIGHT]),
@@ -89,13 +95,13 @@ def candidates_of(candidates: Candidates) -> ray.data.Dataset:
 
 
 def _training_rows(
-    frame: pd.DataFrame, thresholds: dict[int, float]
+    frame: pd.DataFrame, thresholds: dict[int, float], ignore_band: float
 ) -> dict[str, np.ndarray]:
     """Ray Data stage: candidates -> the pseudo-labeled training rows of the
     readable images (see :func:`pseudo_records`), keyed by path (their order)."""
     rows = [
         record_row(record) | {INDEX: record.path}
-        for record in pseudo_records(frame, thresholds)
+        for record in pseudo_records(frame, thresholds, ignore_band)
     ]
     if not rows:  # every image unreadable: an empty batch with the same columns
         names = [schema.PATH, schema.BOXES, schema.LABELS, schema.HEIGHT]
@@ -106,14 +112,17 @@ def _training_rows(
 
 
 def pseudo_dataset(
-    candidates: Candidates, thresholds: dict[int, float]
+    candidates: Candidates, thresholds: dict[int, float], ignore_band: float = 0.0
 ) -> ray.data.Dataset:
     """The student's pseudo-labeled set, lazily: each Train worker reads the parts
     from storage, keeps readable images with the candidates at or above their
-    label's threshold, and orders the rows by path (so a seed repeats the order).
-    Nothing of it passes through the driver."""
+    label's threshold (and those in the ``ignore_band``, as ignored boxes), and
+    orders the rows by path (so a seed repeats the order). Nothing of it passes
+    through the driver."""
     return candidates_of(candidates).map_batches(
-        _training_rows, fn_kwargs={"thresholds": thresholds}, batch_format="pandas"
+        _training_rows,
+        fn_kwargs={"thresholds": thresholds, "ignore_band": ignore_band},
+        batch_format="pandas",
     )
 
 
@@ -203,8 +212,11 @@ def train_student(
         "pseudo_images": counts["pseudo_labeled"],
         "pseudo_instances": counts["instances"],
     }
+    band = config.student.ignore_band
     pseudo = (
-        pseudo_dataset(candidates, thresholds) if counts["pseudo_labeled"] else None
+        pseudo_dataset(candidates, thresholds, band)
+        if counts["pseudo_labeled"]
+        else None
     )
     return _train(config, STUDENT_DIR, pseudo, teacher, metadata)
 
@@ -255,6 +267,16 @@ def train_control(config: Config, teacher: str | None = None) -> Path:
     return _train(config, CONTROL_DIR, None, teacher, {})
 
 
+def pseudo_augment(labeled: Augment, cfg: StudentConfig) -> Augment:
+    """The pseudo-labeled images' augmentation: the labeled images' ``labeled``,
+    with ``student.pseudo_min_size`` scales and ``student.pseudo_color_jitter``."""
+    return dataclasses.replace(
+        labeled,
+        min_sizes=cfg.pseudo_min_size or labeled.min_sizes,
+        color_jitter=cfg.pseudo_color_jitter,
+    )
+
+
 def _train(
     config: Config,
     role: str,
@@ -289,5 +311,5 @@ def _train(
     augment = augment_for(config, cfg, names)
     datasets = {LABELED: prepare(labeled, augment)}
     if pseudo is not None:
-        datasets[PSEUDO] = prepare(pseudo, augment)
+        datasets[PSEUDO] = prepare(pseudo, pseudo_augment(augment, cfg))
     return fit(job, datasets, role, run.shared(TRAIN_DIR), run.local(role))

@@ -430,6 +430,17 @@ def above_thresholds(
     return dets[schema.SCORES] >= np.asarray(needed, np.float32).reshape(-1)
 
 
+def in_band(
+    dets: dict[str, np.ndarray], thresholds: dict[int, float], band: float
+) -> np.ndarray:
+    """Mask of the detections scoring under their label's threshold by at most
+    ``band`` (none when ``band`` is 0; labels missing from ``thresholds`` never)."""
+    needed = [thresholds.get(int(label), np.inf) for label in dets[schema.LABELS]]
+    low = np.asarray(needed, np.float32).reshape(-1) - band
+    band_mask = dets[schema.SCORES] >= low if band > 0 else np.zeros_like(low, bool)
+    return band_mask & ~above_thresholds(dets, thresholds)
+
+
 def save_threshold(result: ThresholdResult, output_dir: str | Path) -> Path:
     path = Path(output_dir) / THRESHOLD_FILE
     path.write_text(json.dumps(asdict(result), indent=2))

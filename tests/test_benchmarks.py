@@ -234,6 +234,27 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     ]
     assert module["_throughput_rows"](only) == []
 
+    # beyond the paper: each option's student on the same run's teacher and data
+    beyond = tmp_path / "beyond.json"
+    argv = ["beyond.py", "--smoke", "--paper-dir", str(tmp_path / "work")]
+    argv += ["--paper-results", str(results), "--results", str(beyond)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "beyond.py"), run_name="__main__")
+    ablation = json.loads(beyond.read_text())
+    options = ["ignore_band", "pseudo_augment", "paper_views", "second_round"]
+    assert list(ablation["vs_retrained"]) == options
+    (row,) = ablation["seeds"]
+    assert row["retrained"] == seed["retrained"]  # the paper run's student, not redone
+    for option in options:
+        assert row[option]["AP"] - seed["retrained"]["AP"] == pytest.approx(
+            ablation["vs_retrained"][option]["mean"]
+        )
+    assert row["paper_views"]["views"] == 9
+    lines = module["_beyond"](ablation, plots=tmp_path / "plots")
+    assert lines[4].startswith("| control (= the teacher) |")
+    assert len([line for line in lines if line.startswith("| ")]) == 3 + len(options)
+    assert imread(tmp_path / "plots" / "beyond.png").std() > 0.05
+
 
 def test_report_renders_the_cluster_record():
     module = runpy.run_path(str(BENCHMARKS / "report.py"))

@@ -182,3 +182,51 @@ def test_flip_permutation_of_the_demo(caplog):
     assert "no mirror 'right_eye'" in caplog.text
     with pytest.raises(ValueError, match="duplicate"):
         keypoint_flip_permutation(["nose", "nose"])
+
+
+def test_boxes_in_the_ignore_band_are_neither_object_nor_background(weights):
+    """A box labeled IGNORE: the RPN's anchors and the box head's proposals that
+    match it are left out of both losses; the real box's stay positive and the
+    far ones negative. torchvision's own RPN would call that anchor an object."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    from raydd.ingest import IGNORE
+    from raydd.models import IgnoreAwareRPN
+
+    model = build_model(tiny_config("fasterrcnn_mobilenet_v2_fpn", weights), 3)
+    assert type(model.rpn) is IgnoreAwareRPN
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0], [70.0, 70.0, 110.0, 110.0]])
+    target = {"boxes": boxes, "labels": torch.tensor([2, IGNORE])}
+    # anchors/proposals: on the object, on the ignored box, on neither
+    candidates = torch.tensor(
+        [[10.0, 10.0, 40.0, 40.0], [72.0, 70.0, 110.0, 112.0], [0.0, 60.0, 30.0, 95.0]]
+    )
+    (anchors,), _ = model.rpn.assign_targets_to_anchors([candidates], [target])
+    assert anchors.tolist() == [1.0, -1.0, 0.0]
+    (plain,), _ = RegionProposalNetwork.assign_targets_to_anchors(
+        model.rpn, [candidates], [target]
+    )
+    assert plain.tolist() == [1.0, 1.0, 0.0]
+    _, (labels,) = model.roi_heads.assign_targets_to_proposals(
+        [candidates], [boxes], [target["labels"]]
+    )
+    assert labels.tolist() == [2, IGNORE, 0]
+    (positive,), (negative,) = model.roi_heads.fg_bg_sampler([labels])
+    assert positive.tolist() == [1, 0, 0] and negative.tolist() == [0, 0, 1]
+
+
+def test_a_training_step_with_ignored_boxes_has_finite_losses(weights, demo_dir):
+    """Ignored boxes next to real ones, and an image with ignored boxes only."""
+    from raydd.ingest import IGNORE
+
+    torch.manual_seed(0)
+    image, target, num_classes = demo_sample(demo_dir)
+    config = tiny_config("fasterrcnn_mobilenet_v2_fpn", weights)
+    model = build_model(config, num_classes).train()
+    boxes = {"boxes": target["boxes"], "labels": target["labels"]}
+    half = {"boxes": target["boxes"], "labels": target["labels"].clone()}
+    half["labels"][::2] = IGNORE
+    ignored = {"boxes": target["boxes"], "labels": torch.full_like(half["labels"], -1)}
+    losses = model([image] * 3, [boxes, half, ignored])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()

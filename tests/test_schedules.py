@@ -115,3 +115,46 @@ def test_the_teacher_is_the_control_only_on_the_students_schedule(
 def test_bad_passes_are_rejected(demo_dir, tmp_path, weights, value):
     with pytest.raises(ConfigError, match="student.passes must be 0"):
         _config(demo_dir, tmp_path, weights, f"student.passes={value}")
+
+
+@pytest.mark.parametrize("student_iterations", [30, 40])
+def test_the_student_step_trains_a_control_only_when_the_teacher_is_not_one(
+    demo_dir, tmp_path, weights, monkeypatch, student_iterations
+):
+    """The student step (training replaced by recorders): on the teacher's
+    schedule no second labeled-only model; on another, the control trains the
+    student's steps."""
+    import raydd.student
+    import raydd.threshold
+    from raydd.steps import _student
+
+    trained = []
+    found = raydd.threshold.ThresholdResult(0.5, 3.0, 3.0, 1, {"1": 0.5, "2": 0.5})
+    monkeypatch.setattr(raydd.threshold, "load_threshold", lambda out: found)
+    monkeypatch.setattr(
+        raydd.student,
+        "pseudo_counts",
+        lambda parts, used: {"images": 40, "errors": 0, "pseudo_labeled": 40},
+    )
+    monkeypatch.setattr(
+        raydd.student,
+        "train_student",
+        lambda config, *a, **k: trained.append(("student", config)) or "s",
+    )
+    monkeypatch.setattr(
+        raydd.student,
+        "train_control",
+        lambda config: trained.append(("control", config)) or "c",
+    )
+    schedule = ["teacher.iterations=30", "teacher.batch_size=5",
+                f"student.iterations={student_iterations}", "student.batch_size=5",
+                "student.control=true"]  # fmt: skip
+    message = _student(_config(demo_dir, tmp_path, weights, *schedule))
+    roles = [role for role, _ in trained]
+    if student_iterations == 30:
+        assert roles == ["student"]
+        assert message.endswith("control: the teacher (trained on the same schedule)")
+    else:
+        assert roles == ["student", "control"]
+        assert trained[1][1].student.iterations == 40
+        assert message.endswith("control c")

@@ -88,3 +88,30 @@ def test_an_empty_candidate_set_counts_zero(ray_local):
     assert pseudo_counts(empty, THRESHOLDS) == dict.fromkeys(
         ("images", "errors", "pseudo_labeled", "instances"), 0
     )
+
+
+def test_pseudo_boxes_in_the_ignore_band_come_labeled_ignore(ray_local):
+    """Threshold 0.5, band 0.2: 0.9 is an object, 0.35 is ignored, 0.25 dropped;
+    label 3 has no threshold, so none of its boxes comes, ignored or not."""
+    from raydd.ingest import IGNORE
+
+    frame = pd.DataFrame(
+        [
+            {
+                schema.PATH: "a.jpg",
+                schema.HEIGHT: 60,
+                schema.WIDTH: 80,
+                schema.ERROR: "",
+                schema.BOXES: [[0.0, 0.0, 9.0, 9.0 + i] for i in range(5)],
+                schema.LABELS: [1, 1, 1, 3, 1],
+                schema.SCORES: [0.9, 0.35, 0.25, 0.9, 0.5],
+            }
+        ]
+    )
+    (record,) = pseudo_records(frame, {1: 0.5}, ignore_band=0.2)
+    assert record.labels.tolist() == [1, IGNORE, 1]
+    assert record.boxes[:, 3].tolist() == [9.0, 10.0, 13.0]
+    (plain,) = pseudo_records(frame, {1: 0.5})
+    assert plain.labels.tolist() == [1, 1]
+    counts = pseudo_counts(frame, {1: 0.5})  # ignored boxes are no instances
+    assert counts["instances"] == 2

@@ -331,6 +331,60 @@ def test_multi_scale_resize_scales_every_target(demo_dir):
     assert sizes == {64, 96}
 
 
+def test_color_jitter_draws_after_the_others_and_keeps_the_targets(demo_dir):
+    """With jitter the same scale, flip and boxes as without (its draws come
+    last), the pixels brightened or darkened; the same seed, the same pixels."""
+    _, records = _demo_records(demo_dir)
+    record = next(r for r in records if len(r.labels))
+    plain = Augment((64, 96), 128, 0.5)
+    jittered = Augment((64, 96), 128, 0.5, color_jitter=0.4)
+    changed = 0
+    for seed in range(6):
+        a = plain.row(record_row(record), np.random.default_rng(seed))
+        b = jittered.row(record_row(record), np.random.default_rng(seed))
+        again = jittered.row(record_row(record), np.random.default_rng(seed))
+        assert a[schema.IMAGE].shape == b[schema.IMAGE].shape
+        np.testing.assert_array_equal(a[schema.BOXES], b[schema.BOXES])
+        np.testing.assert_array_equal(b[schema.IMAGE], again[schema.IMAGE])
+        changed += not np.array_equal(a[schema.IMAGE], b[schema.IMAGE])
+    assert changed == 6
+
+
+def test_jitter_scales_contrast_around_the_mean_then_brightness():
+    from raydd.ingest import jitter
+
+    pixels = np.array([[[100, 100, 100], [200, 200, 200]]], np.uint8)  # mean 150
+    out = jitter(pixels, brightness=1.1, contrast=0.5)
+    assert out[..., 0].tolist() == [[138, 192]]  # (150 -/+ 25) * 1.1, half to even
+    assert jitter(pixels, 2.0, 1.0)[..., 0].tolist() == [[200, 255]]  # clipped
+
+
+def test_the_pseudo_labeled_images_get_their_own_augmentation():
+    from raydd.config import StudentConfig
+    from raydd.student import pseudo_augment
+
+    labeled = Augment((96, 128), 144, 0.5)
+    student = StudentConfig(pseudo_min_size=(64, 160), pseudo_color_jitter=0.3)
+    pseudo = pseudo_augment(labeled, student)
+    assert (pseudo.min_sizes, pseudo.color_jitter) == ((64, 160), 0.3)
+    assert (pseudo.max_size, pseudo.hflip_prob) == (144, 0.5)
+    assert pseudo_augment(labeled, StudentConfig()) == labeled
+
+
+def test_each_training_set_keeps_its_own_augmentation(ray_local, demo_dir):
+    """The labeled and the pseudo-labeled set carry different Augments, and each
+    worker's split (what Ray Train hands a worker) finds its own set's."""
+    from raydd.ingest import AUGMENT_KEY
+
+    _, records = _demo_records(demo_dir)
+    plain = Augment((64, 96), 128, 0.5)
+    jittered = Augment((48, 160), 128, 0.5, color_jitter=0.3)
+    sets = {LABELED: prepare(records[:4], plain), PSEUDO: prepare(records, jittered)}
+    for name, augment in ((LABELED, plain), (PSEUDO, jittered)):
+        (split,) = sets[name].streaming_split(1)
+        assert split.get_context().get_config(AUGMENT_KEY) == augment
+
+
 def test_augment_passes_an_empty_batch_through():
     empty = {schema.PATH: np.array([], dtype=str), schema.LABELS: np.array([])}
     out = Augment((64,), 100)(empty)
@@ -600,6 +654,10 @@ def test_scaling_is_fixed_or_elastic_from_the_config():
         ("teacher.cpus_per_worker=0", "cpus_per_worker must be positive"),
         ("teacher.lr_milestones=[0.7,1.5]", "lr_milestones"),
         ("student.log_every=0", "student.log_every must be at least 1"),
+        ("student.ignore_band=1.5", "student.ignore_band is a score difference"),
+        ("model.name=fcos_mobilenet_v2_fpn", "ignore_band needs a two-stage R-CNN"),
+        ("student.pseudo_min_size=[0]", "pseudo_min_size: positive"),
+        ("student.pseudo_color_jitter=1", "pseudo_color_jitter must be in"),
     ],
 )
 def test_bad_training_settings_are_rejected(
@@ -609,6 +667,7 @@ def test_bad_training_settings_are_rejected(
     overrides = [override] + (
         ["student.num_workers=2"] if "max_workers" in override else []
     )
+    overrides += ["student.ignore_band=0.1"] if "fcos" in override else []
     with pytest.raises(
         ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
     ):
