@@ -42,14 +42,16 @@ bench: bench-paper bench-beyond-training bench-beyond-labels bench-sweeps bench-
 PAPER_WORK := benchmarks/work/paper
 
 # The paper's protocol, 3 seeds: control (= the teacher) vs retrained vs fine-tuned
-# student at equal compute. About 100 minutes on 2 CPU cores.
+# student at equal compute. About 130 minutes on 2 CPU cores (estimated: a 1,000-step
+# model took 12-15 min on 2026-12-03; 3 seeds x 3,000 steps + labeling + tests).
 bench-paper: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part students --output-dir $(PAPER_WORK)
 	$(BIN)/python benchmarks/report.py
 
 # Beyond the paper, on bench-paper's teachers and pseudo-labels (run it first), 3
-# seeds each: the ignore band and the pseudo-labeled images' augmentation (about 65
-# min); the paper's view set and a second round (about 75 min).
+# seeds each (estimated, not yet run in full): the ignore band and the pseudo-labeled
+# images' augmentation (6 students, about 90 min); the paper's view set and a second
+# round (6 students and 6 labelings, about 120 min).
 bench-beyond-training: $(VENV)/.installed
 	$(BIN)/python benchmarks/beyond.py --paper-dir $(PAPER_WORK) \
 		--options ignore_band pseudo_augment --results benchmarks/results/beyond_training.json

@@ -385,6 +385,12 @@ def main() -> None:
         help="students: 3 seeds of control / retrained / fine-tuned (experiment 1);"
         " sweeps: seed 0 and experiments 2-5; all: both (smoke tests)",
     )
+    parser.add_argument(
+        "--no-fine-tune",
+        action="store_true",
+        help="students part without the fine-tuned student and its control"
+        " (about 10 minutes less a seed)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, minutes")
     parser.add_argument("--seeds", type=int, default=None, help="3 (smoke: 1)")
     parser.add_argument(
@@ -415,11 +421,11 @@ def main() -> None:
 
     rows, seed0 = [], None
     for seed in range(seeds):
-        row, reuse = run_seed(config, seed, students)
+        row, reuse = run_seed(config, seed, students and not args.no_fine_tune)
         rows.append(row)
         seed0 = seed0 or reuse
     arms = ["teacher", "teacher_views", "retrained"]
-    arms += ["fine_tuned", "fine_tuned_control"] if students else []
+    arms += ["fine_tuned", "fine_tuned_control"] if "fine_tuned" in rows[0] else []
     record = {
         "benchmark": "paper",
         "part": args.part,

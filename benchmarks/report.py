@@ -536,7 +536,7 @@ def _paper(r: dict, plots: Path = PLOTS, prefix: str = "paper") -> list[str]:
 
 def _fine_tuned_schedule(r: dict) -> str:
     tuned = r["schedule"].get("fine_tuned")
-    if not tuned:
+    if not tuned or "fine_tuned" not in r["summary"]:
         return ""
     return (
         f"The fine-tuned student starts from the teacher and trains "
