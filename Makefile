@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 	    model.backbone_weights=$$($(BIN)/python -m raydd.models --offline-weights)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -ra --durations=20 -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -ra --durations=40 -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check raydd jobs benchmarks tests

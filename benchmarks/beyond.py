@@ -50,7 +50,7 @@ from raydd.layout import STUDENT_DIR, TEACHER_DIR  # noqa: E402
 from raydd.pipeline import choose_threshold  # noqa: E402
 from raydd.pseudo_label import pseudo_label, read_candidates  # noqa: E402
 from raydd.runtime import init_ray  # noqa: E402
-from raydd.threshold import thresholds_by_label  # noqa: E402
+from raydd.threshold import load_threshold, thresholds_by_label  # noqa: E402
 
 ROOT = paper.ROOT
 IGNORE_BAND = 0.2
@@ -68,6 +68,15 @@ def labeled(config: Config, teacher: Path, name: str) -> dict[str, Any]:
     candidates = read_candidates(pseudo_label(cfg, str(teacher)).candidates)
     found = choose_threshold(cfg, candidates)
     used = thresholds_by_label(found, cfg.threshold.per_class)
+    return {"candidates": candidates, "used": used, "threshold": found.threshold}
+
+
+def paper_labels(config: Config, teacher: Path) -> dict[str, Any]:
+    """The paper run's pseudo-labels (its finished parts: nothing is redone) and the
+    threshold it chose (``thresholds.json``; the search is not run again)."""
+    candidates = read_candidates(pseudo_label(config, str(teacher)).candidates)
+    found = load_threshold(config.output_dir)
+    used = thresholds_by_label(found, config.threshold.per_class)
     return {"candidates": candidates, "used": used, "threshold": found.threshold}
 
 
@@ -154,7 +163,7 @@ def main() -> None:
         teacher = Path(cfg.output_dir) / TEACHER_DIR
         if not teacher.exists() or seed not in by_seed:
             raise SystemExit(f"seed {seed}: no teacher in {work} or row in the record")
-        found = labeled(cfg, teacher, ".")  # the paper run's parts: nothing redone
+        found = paper_labels(cfg, teacher)
         row = {
             "seed": seed,
             "teacher": by_seed[seed]["teacher"],
