@@ -26,13 +26,16 @@ point of each):
    heuristic's threshold, with the pseudo-instances per image each leaves;
 5. **labeled share** of every minibatch: 0.4 / 0.6 / 0.8.
 
+``--part teachers``: the teachers alone, scored every 250 steps, e.g. on a longer
+schedule (``--iterations 2000``): does the 1,000-step teacher leave AP on the table?
+
 At 1,000 steps the student draws 2,000 pseudo-labeled images: each of the 600 is
 seen 3.3 times. Writes ``benchmarks/results/paper.json`` (students) or
 ``paper_sweeps.json``; ``benchmarks/report.py`` turns them into tables and plots.
 ``--smoke`` runs with tiny sizes (one seed, one point per sweep) in minutes.
 
-    python benchmarks/paper.py [--part students|sweeps|all] [--smoke] [--seeds 3]
-                               [--iterations 1000] [--output-dir DIR]
+    python benchmarks/paper.py [--part students|sweeps|teachers|all] [--smoke]
+                               [--seeds 3] [--iterations 1000] [--output-dir DIR]
 """
 
 from __future__ import annotations
@@ -240,30 +243,39 @@ def control_ap(config: Config, teacher: Path) -> dict[str, Any]:
     return {**metrics, "seconds": seconds}
 
 
+def teacher_row(cfg: Config, seed: int) -> tuple[dict, Path]:
+    """Trains (or resumes) the seed's teacher: its test AP at the end and along its
+    schedule, and where its checkpoint is."""
+    tic = time.perf_counter()
+    teacher = train_teacher(cfg)
+    row = {
+        "seed": seed,
+        "teacher": evaluate(cfg, teacher, single_view(cfg)),
+        "teacher_curve": teacher_curve(cfg),
+        "teacher_seconds": round(time.perf_counter() - tic, 1),
+    }
+    log(f"seed {seed}: teacher AP {row['teacher']['AP']:.4f}")
+    return row, teacher
+
+
 def run_seed(config: Config, seed: int, students: bool) -> tuple[dict, dict]:
     """One seed's teacher, pseudo-labels and retrained student, and with
     ``students`` the fine-tuned student and its control; returns the seed's row and
     what the sweeps reuse."""
     cfg = seeded(config, seed)
-    tic = time.perf_counter()
-    teacher = train_teacher(cfg)
-    teacher_seconds = round(time.perf_counter() - tic, 1)
+    row, teacher = teacher_row(cfg, seed)
     labeling = pseudo_label(cfg, str(teacher))
     candidates = read_candidates(labeling.candidates)
     threshold = choose_threshold(cfg, candidates)
     used = thresholds_by_label(threshold, cfg.threshold.per_class)
-    row = {
-        "seed": seed,
-        "teacher": evaluate(cfg, teacher, single_view(cfg)),
+    row |= {
         "teacher_views": evaluate(cfg, teacher, cfg.views),
-        "teacher_curve": teacher_curve(cfg),
         "threshold": threshold.threshold,
-        "teacher_seconds": teacher_seconds,
         "pseudo_label_seconds": round(labeling.seconds, 1),
     }
     log(
-        f"seed {seed}: teacher AP {row['teacher']['AP']:.4f}, with views "
-        f"{row['teacher_views']['AP']:.4f}, threshold {threshold.threshold:.3f}"
+        f"seed {seed}: teacher with views AP {row['teacher_views']['AP']:.4f}, "
+        f"threshold {threshold.threshold:.3f}"
     )
     row["retrained"] = student_ap(
         under(cfg, "retrained", init="pretrained"), candidates, used, teacher
@@ -380,10 +392,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--part",
-        choices=("students", "sweeps", "all"),
+        choices=("students", "sweeps", "teachers", "all"),
         default="students",
         help="students: 3 seeds of control / retrained / fine-tuned (experiment 1);"
-        " sweeps: seed 0 and experiments 2-5; all: both (smoke tests)",
+        " sweeps: seed 0 and experiments 2-5; teachers: the teachers alone, scored"
+        " along their schedule (is --iterations enough to converge?); all: students"
+        " and sweeps (smoke tests)",
     )
     parser.add_argument(
         "--no-fine-tune",
@@ -392,7 +406,9 @@ def main() -> None:
         " (about 10 minutes less a seed)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, minutes")
-    parser.add_argument("--seeds", type=int, default=None, help="3 (smoke: 1)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="students: 3, teachers: 1, smoke: 1"
+    )
     parser.add_argument(
         "--iterations",
         type=int,
@@ -403,13 +419,18 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="default: results/paper*.json")
     args = parser.parse_args()
     students = args.part in ("students", "all")
-    seeds = 1 if not students else args.seeds or (1 if args.smoke else 3)
+    if args.part == "sweeps":
+        seeds = 1
+    else:
+        seeds = args.seeds or (1 if args.smoke or args.part == "teachers" else 3)
     sweeps = (
         SMOKE_SWEEPS
         if args.smoke
         else {"fractions": FRACTIONS, "thresholds": THRESHOLDS, "shares": SHARES}
     )
-    name = "paper_sweeps.json" if args.part == "sweeps" else "paper.json"
+    name = {"sweeps": "paper_sweeps.json", "teachers": "paper_teachers.json"}.get(
+        args.part, "paper.json"
+    )
     results = Path(args.results or ROOT / "benchmarks/results" / name)
 
     tic = time.perf_counter()
@@ -421,10 +442,13 @@ def main() -> None:
 
     rows, seed0 = [], None
     for seed in range(seeds):
+        if args.part == "teachers":
+            rows.append(teacher_row(seeded(config, seed), seed)[0])
+            continue
         row, reuse = run_seed(config, seed, students and not args.no_fine_tune)
         rows.append(row)
         seed0 = seed0 or reuse
-    arms = ["teacher", "teacher_views", "retrained"]
+    arms = [a for a in ("teacher", "teacher_views", "retrained") if a in rows[0]]
     arms += ["fine_tuned", "fine_tuned_control"] if "fine_tuned" in rows[0] else []
     record = {
         "benchmark": "paper",
@@ -443,7 +467,7 @@ def main() -> None:
         "seeds": rows,
         "summary": {key: mean_std(rows, key) for key in arms},
     }
-    if args.part != "students":
+    if args.part in ("sweeps", "all"):
         retrained = rows[0]["retrained"]
         record["quantity"] = quantity(seed0, retrained, sweeps["fractions"])
         record["views_ablation"] = views_ablation(seed0)
@@ -455,8 +479,9 @@ def main() -> None:
     s = record["summary"]
     for key in s:
         log(f"{key:>18}: AP {s[key]['AP']['mean']:.4f} ± {s[key]['AP']['std']:.4f}")
-    gain = s["retrained"]["AP"]["mean"] - s["teacher"]["AP"]["mean"]
-    log(f"student - control (the teacher): {gain:+.4f} AP over {seeds} seed(s)")
+    if "retrained" in s:
+        gain = s["retrained"]["AP"]["mean"] - s["teacher"]["AP"]["mean"]
+        log(f"student - control (the teacher): {gain:+.4f} AP over {seeds} seed(s)")
     log(f"total {record['seconds'] / 60:.1f} min; results: {results}")
 
 

@@ -370,19 +370,39 @@ def _students_figure(seeds: list[dict], summary: dict, arms: list[str]) -> plt.F
     ax.set_ylabel("COCO AP (test split)")
     ax.set_title(f"Equal compute ({len(seeds)} seeds, dots: each seed)", fontsize=10)
     if curves:
-        for s in curves:
-            points = s["teacher_curve"]
-            axes[1].plot(
-                [p["step"] for p in points],
-                [p["AP"] for p in points],
-                "o-",
-                label=f"seed {s['seed']}",
-            )
-        axes[1].set_xlabel("teacher step")
-        axes[1].set_ylabel("test AP")
-        axes[1].set_title("The teacher along its schedule", fontsize=10)
-        axes[1].legend(fontsize=8)
+        _plot_curves(axes[1], curves)
     return fig
+
+
+def _plot_curves(ax: plt.Axes, seeds: list[dict]) -> None:
+    for s in seeds:
+        points = s["teacher_curve"]
+        ax.plot(
+            [p["step"] for p in points],
+            [p["AP"] for p in points],
+            "o-",
+            label=f"seed {s['seed']}",
+        )
+    ax.set_xlabel("teacher step")
+    ax.set_ylabel("test AP")
+    ax.set_title("The teacher along its schedule", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _paper_teachers(r: dict, plots: Path, prefix: str) -> list[str]:
+    """``paper.py --part teachers``: the teachers alone, scored along their schedule."""
+    seeds = r["seeds"]
+    rows = [
+        f"The teacher of {len(seeds)} seed{'s' * (len(seeds) > 1)}, trained on the "
+        "labeled images alone (no student): test AP at the end of the schedule "
+        + ", ".join(f"{s['teacher']['AP']:.4f}" for s in seeds)
+        + ". Compare with the students record's teachers (the same data on its own "
+        "schedule) to see what a longer schedule adds to the labeled-only model.",
+        *_curves(seeds),
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    _plot_curves(ax, seeds)
+    return rows + ["", _save(fig, plots, f"{prefix}_teachers.png")]
 
 
 def _labeled_only(r: dict) -> str:
@@ -511,19 +531,29 @@ def _paper(r: dict, plots: Path = PLOTS, prefix: str = "paper") -> list[str]:
         else f"scale {v['scale']}" + (" flipped" if v["hflip"] else "")
         for v in r["views"]
     )
+    teachers = r.get("part") == "teachers"  # `paper.py --part teachers`: no student
     lines = [
         f"Demo data: {images['labeled']} labeled, {images['unlabeled']:,} unlabeled, "
         f"{images['test']} test images. Teacher: {teacher['iterations']} steps x "
-        f"{teacher['batch_size']} labeled images; student: {student['iterations']} "
-        f"steps x {student['batch_size']} images, {student['labeled_share']:.0%} "
-        f"labeled; lr {teacher['lr']}; views: {views}. "
+        f"{teacher['batch_size']} labeled images; "
+        + (
+            ""
+            if teachers
+            else f"student: {student['iterations']} steps x {student['batch_size']} "
+            f"images, {student['labeled_share']:.0%} labeled; "
+        )
+        + f"lr {teacher['lr']}; views: {views}. "
         + _fine_tuned_schedule(r)
         + f"Every model is scored with one view on the test split (COCO AP, "
         f"pycocotools). Whole run: {r['seconds'] / 60:.0f} min.",
     ]
-    # (title, the record's key, renderer); `paper.py --students-only` writes seeds only
+    # (title, the record's key, renderer); `paper.py --part students` writes seeds only
     parts: list[tuple[str, str, Callable[[dict, Path, str], list[str]]]] = [
-        ("Student vs teacher", "seeds", _paper_students),
+        (
+            "Teachers alone" if teachers else "Student vs teacher",
+            "seeds",
+            _paper_teachers if teachers else _paper_students,
+        ),
         ("Impact of the amount of unlabeled data", "quantity", _paper_quantity),
         ("Test-time views", "views_ablation", _paper_views),
         ("Score threshold", "threshold", _paper_threshold),
@@ -548,7 +578,9 @@ def _fine_tuned_schedule(r: dict) -> str:
 
 def _paper_title(r: dict) -> str:
     steps = r["schedule"]["teacher"]["iterations"]
-    part = {"sweeps": "sweeps (seed 0), "}.get(r.get("part", ""), "")
+    part = {"sweeps": "sweeps (seed 0), ", "teachers": "teachers alone, "}.get(
+        r.get("part", ""), ""
+    )
     return f"{SECTIONS['paper'][0]}: {part}{steps}-step schedules"
 
 

@@ -150,3 +150,49 @@ def test_paper_sweeps_train_each_point_with_its_own_setting(
         ("share_0.8", 0.8),
         ("share_0.4", 0.4),
     ]
+
+
+def test_the_teachers_part_trains_and_scores_the_teachers_alone(
+    ray_local, tmp_path, monkeypatch
+):
+    """``--part teachers`` (is a schedule long enough?): one teacher per seed on
+    the given schedule, scored along it; no labeling, no student. The report shows
+    the curves and no student schedule."""
+    paper = runpy.run_path(str(BENCHMARKS / "paper.py"))
+    names = paper["main"].__globals__
+    trained = []
+
+    def train_teacher(config):
+        trained.append((Path(config.output_dir).name, config.teacher.iterations))
+        return tmp_path / "teacher"
+
+    def no_student(*args, **kwargs):
+        raise AssertionError("the teachers part labels and trains nothing else")
+
+    names["train_teacher"] = train_teacher
+    names["evaluate"] = lambda *args: {"AP": 0.3, "AP50": 0.5, "AP75": 0.25}
+    names["teacher_curve"] = lambda config: [
+        {"step": 2, "AP": 0.1},
+        {"step": 4, "AP": 0.3},
+    ]
+    for name in ("pseudo_label", "train_student", "train_control"):
+        names[name] = no_student
+    results = tmp_path / "teachers.json"
+    argv = ["paper.py", "--part", "teachers", "--smoke", "--seeds", "2"]
+    argv += ["--iterations", "4", "--output-dir", str(tmp_path / "work")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--results", str(results)])
+    paper["main"]()
+
+    record = json.loads(results.read_text())
+    assert trained == [("seed0", 4), ("seed1", 4)]
+    assert list(record["summary"]) == ["teacher"]
+    assert [set(s) for s in record["seeds"]] == [
+        {"seed", "teacher", "teacher_curve", "teacher_seconds"}
+    ] * 2
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+    assert report["_paper_title"](record).endswith("teachers alone, 4-step schedules")
+    lines = report["_paper"](record, plots=tmp_path / "plots", prefix="teachers")
+    assert "student:" not in lines[0] and "### Teachers alone" in lines
+    assert "| seed | step 2 | step 4 |" in lines
+    assert "| 1 | 0.1000 | 0.3000 |" in lines
+    assert imread(tmp_path / "plots" / "teachers_teachers.png").std() > 0.05
