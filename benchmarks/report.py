@@ -183,6 +183,33 @@ def _train_throughput(r: dict) -> list[str]:
     ]
 
 
+def _ray_overhead(r: dict) -> list[str]:
+    runs = r["runs"]
+    kinds = list(dict.fromkeys(k for run in runs for k in run["processes"]))
+    rows = [
+        "| process | " + " | ".join(run["variant"] for run in runs) + " |",
+        "|---" * (len(runs) + 1) + "|",
+    ]
+    rows += [
+        f"| {kind} | "
+        + " | ".join(f"{run['processes'].get(kind, 0.0):.1%}" for run in runs)
+        + " |"
+        for kind in kinds
+    ]
+    rows.append(
+        "| **all of Ray** | "
+        + " | ".join(f"**{run['one_core_share']:.1%}**" for run in runs)
+        + " |"
+    )
+    return rows + [
+        "",
+        f"Share of one core over {r['window_s']:g} s, while a Ray Train run's loop "
+        f"only sleeps (after {r['warmup_s']:g} s): CPU that Ray's own processes use "
+        "beside any training. On 2 CPUs, x% of one core is x/2% of the machine: "
+        "compare with Ray Train's gap to the plain loop above.",
+    ]
+
+
 def _scale(r: dict) -> list[str]:
     rows = [
         "| model stage | format | inputs | first part (s) | end (s) | images/s | "
@@ -576,6 +603,32 @@ def _fine_tuned_schedule(r: dict) -> str:
     )
 
 
+def _longer_schedule(students: dict, teachers: dict) -> list[str]:
+    """Each seed's teacher of the students record against the same seed's teacher
+    on the teachers record's (longer) schedule: is the former converged?"""
+    short = {s["seed"]: s["teacher"]["AP"] for s in students["seeds"]}
+    steps = (
+        students["schedule"]["teacher"]["iterations"],
+        teachers["schedule"]["teacher"]["iterations"],
+    )
+    lines = []
+    for seed in teachers["seeds"]:
+        if seed["seed"] not in short:
+            continue
+        gain = seed["teacher"]["AP"] - short[seed["seed"]]
+        verdict = (
+            f"the {steps[0]}-step teacher is **not converged**"
+            if gain > 0.005
+            else f"the {steps[0]}-step teacher is converged to within 0.5 AP"
+        )
+        lines.append(
+            f"Seed {seed['seed']}: teacher AP {short[seed['seed']]:.4f} on "
+            f"{steps[0]} steps (the students record), {seed['teacher']['AP']:.4f} on "
+            f"{steps[1]} steps: **{gain * 100:+.1f} AP points**; {verdict}."
+        )
+    return lines
+
+
 def _paper_title(r: dict) -> str:
     steps = r["schedule"]["teacher"]["iterations"]
     part = {"sweeps": "sweeps (seed 0), ", "teachers": "teachers alone, "}.get(
@@ -664,6 +717,7 @@ SECTIONS = {
         "Training throughput: Ray Train loop vs a plain torch loop",
         _train_throughput,
     ),
+    "ray_overhead": ("Ray's own CPU beside a training run", _ray_overhead),
 }
 
 
@@ -791,6 +845,8 @@ def main() -> None:
     for stem, record in named.items():
         if record["benchmark"] == "paper":
             body = _paper(record, prefix=stem)
+            if record.get("part") == "teachers" and "paper" in named:
+                body += ["", *_longer_schedule(named["paper"], record)]
             lines += _section(_paper_title(record), record, body)
     for stem, record in named.items():
         if record["benchmark"] == "beyond":

@@ -63,6 +63,7 @@ def tiny_config(demo: Path, out: Path, weights: str) -> dict:
 # files go first, so that none of them is left to run alone at the end.
 LONGEST_FIRST = (
     "test_multinode.py",
+    "test_paper_bench.py",
     "test_benchmarks.py",
     "test_end_to_end.py",
     "test_pseudo_label.py",

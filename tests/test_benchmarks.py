@@ -136,6 +136,25 @@ def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     assert module["_train_throughput"](record)[2].startswith("| plain torch loop")
 
 
+@pytest.mark.slow
+def test_ray_overhead_smoke(tmp_path, monkeypatch, capsys):
+    """Ray's own CPU while a Train run sleeps, measured in a fresh process (its own
+    Ray): the controller is among the processes, and the total is their sum."""
+    results = tmp_path / "ray_overhead.json"
+    argv = ["ray_overhead.py", "--smoke", "--results", str(results)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "ray_overhead.py"), run_name="__main__")
+    (run,) = json.loads(results.read_text())["runs"]
+    assert run["variant"] == "default"
+    assert "ray::TrainController" in run["processes"]
+    assert run["one_core_share"] == pytest.approx(sum(run["processes"].values()), 1e-3)
+    assert 0.0 < run["one_core_share"] < 2.0  # 2 CPUs: more would be a bad sum
+    module = runpy.run_path(str(BENCHMARKS / "report.py"))
+    lines = module["_ray_overhead"](json.loads(results.read_text()))
+    assert lines[0] == "| process | default |"
+    assert lines[len(run["processes"]) + 2].startswith("| **all of Ray** |")
+
+
 def test_the_plain_loops_get_the_ray_train_workers_minibatches(ray_local, tmp_path):
     """The throughput benchmark's plain loops train on exactly the rows, order and
     augmentation draws that a Ray Train worker's streams give."""

@@ -95,29 +95,6 @@ def _distill(cluster, s3, run: str, out: Path, source: str) -> dict:
     return summary
 
 
-def test_distill_with_shared_data_and_storage_in_a_bucket(
-    multinode_cluster,  # noqa: F811
-    s3_server,  # noqa: F811
-    head_only_dir,  # noqa: F811
-    bucket,
-    demo_dir,
-    weights,
-):
-    cluster = multinode_cluster
-    out = head_only_dir / "shared"
-    config = _config(head_only_dir, tiny_config(demo_dir, out, weights), "shared")
-    summary = _distill(
-        cluster, s3_server, f"{bucket}/shared", out, f"--config {config}"
-    )
-    assert summary["images"]["unlabeled"] == 10
-    # the head's output_dir mirrors the store, TensorBoard files included
-    assert list((out / "tensorboard" / "student").glob("events.out.*"))
-    # every Train worker and Predictor ran on the worker node (the head has 0 CPUs)
-    worker = cluster.workers[-1].node_id
-    assert _nodes_of(cluster, "RayTrainWorker") == {worker}
-    assert _nodes_of(cluster, "Predictor") == {worker}
-
-
 def test_the_smoke_test_with_data_only_in_the_bucket(
     multinode_cluster,  # noqa: F811
     s3_server,  # noqa: F811
@@ -125,9 +102,12 @@ def test_the_smoke_test_with_data_only_in_the_bucket(
     bucket,
 ):
     """``--smoke-test`` with ``storage_uri`` copies its demo data and weights to the
-    bucket, and every split, image and weight file is read from there."""
+    bucket, and every split, image and weight file is read from there. Every Train
+    worker and Predictor runs on the worker node (the head has 0 CPUs), and the
+    head's output_dir mirrors the store."""
+    cluster = multinode_cluster
     run, out = f"{bucket}/smoke", head_only_dir / "smoke"
-    summary = _distill(multinode_cluster, s3_server, run, out, "--smoke-test")
+    summary = _distill(cluster, s3_server, run, out, "--smoke-test")
     config = yaml.safe_load((out / "config.yaml").read_text())
     shared = f"{run}/smoke-data"
     assert config["data"]["test"]["images"] == f"{shared}/data/test"
@@ -139,6 +119,10 @@ def test_the_smoke_test_with_data_only_in_the_bucket(
         "pseudo_labeled": 12,
         "errors": 0,
     }
+    assert list((out / "tensorboard" / "student").glob("events.out.*"))
+    worker = cluster.workers[-1].node_id
+    assert _nodes_of(cluster, "RayTrainWorker") == {worker}
+    assert _nodes_of(cluster, "Predictor") == {worker}
 
 
 def _wait_for(cluster, job_id: str, pattern: str, timeout: float) -> re.Match:
@@ -160,22 +144,21 @@ def test_a_lost_worker_node_costs_only_the_steps_since_the_checkpoint(
     multinode_cluster,  # noqa: F811
     head_only_dir,  # noqa: F811
     bucket,
-    demo_dir,
-    weights,
 ):
     """A preempted spot node during student training: a new node joins, the run
     resumes from the last checkpoint in storage and finishes. The student job runs
-    on a head whose output_dir is empty: its inputs come from the store."""
+    on a head whose output_dir is empty: its inputs come from the store (the smoke
+    run's data, teacher, pseudo-labels and threshold)."""
     cluster = multinode_cluster
-    shared, run = f"{bucket}/shared", f"{bucket}/resume"
-    if storage.file_type(f"{shared}/thresholds.json").name != "File":
-        pytest.skip("needs the outputs of the shared-data run")
+    smoke, run = f"{bucket}/smoke", f"{bucket}/resume"
+    if storage.file_type(f"{smoke}/thresholds.json").name != "File":
+        pytest.skip("needs the outputs of the smoke run")
     for name in ("teacher", "candidates", "thresholds.json"):  # steps 1-3 done
-        storage.copy(f"{shared}/{name}", f"{run}/{name}")
-    raw = tiny_config(demo_dir, head_only_dir / "resume-out", weights)
-    config = _config(head_only_dir, raw, "resume")
+        storage.copy(f"{smoke}/{name}", f"{run}/{name}")
+    config = head_only_dir / "smoke" / "config.yaml"  # its data: in the bucket
     job_id = cluster.submit(
-        f"python jobs/student.py --config {config} storage_uri={run} "
+        f"python jobs/student.py --config {config} "
+        f"--output-dir {head_only_dir / 'resume-out'} storage_uri={run} "
         "student.iterations=16 student.checkpoint_every=4 student.log_every=1"
     )
     killed_at = int(_wait_for(cluster, job_id, r"step (9|1[0-2])/16", timeout=600)[1])

@@ -196,3 +196,12 @@ def test_the_teachers_part_trains_and_scores_the_teachers_alone(
     assert "| seed | step 2 | step 4 |" in lines
     assert "| 1 | 0.1000 | 0.3000 |" in lines
     assert imread(tmp_path / "plots" / "teachers_teachers.png").std() > 0.05
+    # against the students record's teacher of the same seed (seed 1 has none)
+    students = {"schedule": {"teacher": {"iterations": 2}}, "seeds": []}
+    students["seeds"] = [{"seed": 0, "teacher": {"AP": 0.28}}]
+    (line,) = report["_longer_schedule"](students, record)
+    assert "0.2800 on 2 steps" in line and "0.3000 on 4 steps" in line
+    assert "**+2.0 AP points**" in line and "is **not converged**" in line
+    students["seeds"][0]["teacher"]["AP"] = 0.298
+    (line,) = report["_longer_schedule"](students, record)
+    assert "converged to within 0.5 AP" in line
