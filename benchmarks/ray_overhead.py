@@ -36,6 +36,8 @@ VARIANTS = {
     "default": {},
     # Ray Train's spot-preemption poller (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER)
     "no preemption watcher": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+    # every worker's task-event reports to GCS (state API, dashboard timelines)
+    "no task events": {"RAY_task_events_report_interval_ms": "0"},
 }
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

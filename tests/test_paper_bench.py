@@ -205,3 +205,6 @@ def test_the_teachers_part_trains_and_scores_the_teachers_alone(
     students["seeds"][0]["teacher"]["AP"] = 0.298
     (line,) = report["_longer_schedule"](students, record)
     assert "converged to within 0.5 AP" in line
+    students["seeds"][0]["teacher"]["AP"] = 0.31
+    (line,) = report["_longer_schedule"](students, record)
+    assert "**-1.0 AP points**" in line and "4-step schedule scores lower" in line
