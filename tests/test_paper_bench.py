@@ -87,14 +87,16 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
     ]
     assert module["_throughput_rows"](only) == []
 
-    # beyond the paper: each option's student on the same run's teacher and data
+    # beyond the paper: options' students on the same run's teacher and data; one
+    # that trains differently and one that labels again (the other two's settings:
+    # test_beyond_options_train_with_their_own_settings)
     beyond = tmp_path / "beyond.json"
     argv = ["beyond.py", "--smoke", "--paper-dir", str(tmp_path / "work")]
     argv += ["--paper-results", str(results), "--results", str(beyond)]
-    monkeypatch.setattr(sys, "argv", argv)
+    options = ["ignore_band", "second_round"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--options", *options])
     runpy.run_path(str(BENCHMARKS / "beyond.py"), run_name="__main__")
     ablation = json.loads(beyond.read_text())
-    options = ["ignore_band", "pseudo_augment", "paper_views", "second_round"]
     assert list(ablation["vs_retrained"]) == options
     (row,) = ablation["seeds"]
     assert row["retrained"] == seed["retrained"]  # the paper run's student, not redone
@@ -102,7 +104,7 @@ def test_paper_smoke(ray_local, tmp_path, monkeypatch, capsys):
         assert row[option]["AP"] - seed["retrained"]["AP"] == pytest.approx(
             ablation["vs_retrained"][option]["mean"]
         )
-    assert row["paper_views"]["views"] == 9
+    assert 0.0 <= row["second_round"]["threshold"] <= 1.0
     lines = module["_beyond"](ablation, plots=tmp_path / "plots")
     assert lines[4].startswith("| control (= the teacher) |")
     assert len([line for line in lines if line.startswith("| ")]) == 3 + len(options)
@@ -150,6 +152,45 @@ def test_paper_sweeps_train_each_point_with_its_own_setting(
         ("share_0.8", 0.8),
         ("share_0.4", 0.4),
     ]
+
+
+def test_beyond_options_train_with_their_own_settings(
+    demo_dir, weights, tmp_path, monkeypatch
+):
+    """The pseudo-labeled images' augmentation trains one student with its scales
+    and jitter; the paper's views label again with 9 scales under their own folder
+    and train a plain student on those labels."""
+    from conftest import tiny_config
+
+    from raydd.config import parse_config
+
+    beyond = runpy.run_path(str(BENCHMARKS / "beyond.py"))
+    names = beyond["main"].__globals__
+    trained, labeled = [], []
+
+    def student_ap(config, candidates, used, teacher):
+        trained.append((Path(config.output_dir).name, config.student, candidates))
+        return {"AP": 0.1}
+
+    def relabel(config, teacher, name):
+        labeled.append((name, [v.scale for v in config.views], teacher))
+        return {"candidates": "relabeled", "used": {1: 0.6}, "threshold": 0.6}
+
+    monkeypatch.setattr(names["paper"], "student_ap", student_ap)
+    names["labeled"] = relabel
+    config = parse_config(tiny_config(demo_dir, tmp_path, weights), [], False)
+    seed = {"candidates": "paper's", "used": {1: 0.5}, "teacher": "teacher"}
+    names["pseudo_augment"](config, seed)
+    result = names["paper_views"](config, seed)
+    (augmented, student, candidates), (plain, default, relabeled) = trained
+    assert (augmented, candidates) == ("pseudo_augment", "paper's")
+    assert student.pseudo_min_size == (64, 80, 96, 112, 128, 144)
+    assert student.pseudo_color_jitter == 0.3
+    assert (plain, relabeled) == ("paper_views", "relabeled")
+    assert default == config.student  # only the labels differ
+    scales = [64, 80, 96, 112, 128, 144, 160, 176, 192]  # 400..1200 at 800 -> 128
+    assert labeled == [("views", scales, "teacher")]
+    assert (result["views"], result["threshold"]) == (9, 0.6)
 
 
 def test_the_teachers_part_trains_and_scores_the_teachers_alone(
@@ -208,3 +249,46 @@ def test_the_teachers_part_trains_and_scores_the_teachers_alone(
     students["seeds"][0]["teacher"]["AP"] = 0.31
     (line,) = report["_longer_schedule"](students, record)
     assert "**-1.0 AP points**" in line and "4-step schedule scores lower" in line
+
+
+def test_one_seed_a_run_merges_into_the_same_benchs_results(
+    ray_local, tmp_path, monkeypatch
+):
+    """``--seed N`` (one seed a make target): the seed's row joins the other seeds
+    of the results file when that holds the same bench, replaces an earlier row of
+    the same seed, and a bench on another schedule starts the file afresh."""
+    paper = runpy.run_path(str(BENCHMARKS / "paper.py"))
+    names = paper["main"].__globals__
+    ap = {"seed0": 0.3, "seed1": 0.2}
+    names["train_teacher"] = lambda config: Path(config.output_dir)
+    names["evaluate"] = lambda config, teacher, views: {
+        "AP": ap[teacher.name],
+        "AP50": 0.5,
+        "AP75": 0.25,
+    }
+    names["teacher_curve"] = lambda config: []
+    results = tmp_path / "teachers.json"
+
+    def run(seed: int, iterations: int = 4) -> dict:
+        argv = ["paper.py", "--part", "teachers", "--smoke", "--seed", str(seed)]
+        argv += ["--iterations", str(iterations), "--results", str(results)]
+        monkeypatch.setattr(sys, "argv", [*argv, "--output-dir", str(tmp_path / "w")])
+        paper["main"]()
+        return json.loads(results.read_text())
+
+    assert [s["seed"] for s in run(1)["seeds"]] == [1]
+    record = run(0)
+    assert [s["seed"] for s in record["seeds"]] == [0, 1]
+    assert record["summary"]["teacher"]["AP"]["mean"] == pytest.approx(0.25)
+    assert [run["seeds"] for run in record["runs"]] == [[1], [0]]
+    assert "seed 1 from earlier runs" in record["note"]
+    ap["seed1"] = 0.4  # seed 1 again: its row is replaced, not doubled
+    record = run(1)
+    assert [s["teacher"]["AP"] for s in record["seeds"]] == [0.3, 0.4]
+    record = run(1, iterations=6)  # another schedule: not the same bench
+    assert [s["seed"] for s in record["seeds"]] == [1] and "note" not in record
+
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+    assert report["_verdict"](0.03, 2) == "**not yet decided** (2 of 3 seeds run)."
+    assert report["_verdict"](0.03, 3) == "**met**."
+    assert report["_verdict"](0.01, 3) == "**missed**."
