@@ -256,7 +256,8 @@ def merge_seeds(record: dict, rows: list[dict], results: Path) -> list[dict]:
     same bench (part, schedule, data, views): one seed a ``make`` target. Notes in
     ``record`` which runs the seeds come from."""
     earlier = json.loads(results.read_text()) if results.exists() else {}
-    if any(earlier.get(key) != record[key] for key in SAME_BENCH):
+    written = json.loads(json.dumps(record))  # as the file holds it (tuples: lists)
+    if any(earlier.get(key) != written[key] for key in SAME_BENCH):
         if earlier:
             log(f"{results} holds another bench: its seeds are not merged")
         earlier = {}

@@ -402,7 +402,10 @@ def _students_figure(seeds: list[dict], summary: dict, arms: list[str]) -> plt.F
     }
     ax.set_xticks(range(len(arms)), [labels[k] for k in arms], fontsize=8)
     ax.set_ylabel("COCO AP (test split)")
-    ax.set_title(f"Equal compute ({len(seeds)} seeds, dots: each seed)", fontsize=10)
+    n = len(seeds)
+    ax.set_title(
+        f"Equal compute ({n} seed{'s' * (n > 1)}, dots: each seed)", fontsize=10
+    )
     if curves:
         _plot_curves(axes[1], curves)
     return fig

@@ -280,7 +280,7 @@ def test_one_seed_a_run_merges_into_the_same_benchs_results(
     record = run(0)
     assert [s["seed"] for s in record["seeds"]] == [0, 1]
     assert record["summary"]["teacher"]["AP"]["mean"] == pytest.approx(0.25)
-    assert [run["seeds"] for run in record["runs"]] == [[1], [0]]
+    assert [r["seeds"] for r in record["runs"]] == [[1], [0]]
     assert "seed 1 from earlier runs" in record["note"]
     ap["seed1"] = 0.4  # seed 1 again: its row is replaced, not doubled
     record = run(1)
