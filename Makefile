@@ -73,8 +73,9 @@ bench-teachers: $(VENV)/.installed
 
 # bench-paper's students on 2,000-step schedules (the 1,000-step teacher is not
 # converged), one seed a target, each merged into results/paper_2000.json: teacher,
-# labeling, retrained student, fine-tuned student and its control, about 110 min a
-# seed (seed 0 reuses bench-teachers' teacher when that ran).
+# labeling, retrained student, fine-tuned student and its control. About 85 min a seed
+# (2026-12-03: 60 min without the fine-tuned arms); a rerun resumes what finished,
+# and seed 0 reuses bench-teachers' teacher when that ran.
 bench-paper-2000: bench-paper-2000-seed0 bench-paper-2000-seed1 bench-paper-2000-seed2
 bench-paper-2000-seed%: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part students --iterations 2000 --seed $* \
