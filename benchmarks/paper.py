@@ -263,7 +263,7 @@ def merge_seeds(record: dict, rows: list[dict], results: Path) -> list[dict]:
         earlier = {}
     new = {row["seed"] for row in rows}
     kept = [row for row in earlier.get("seeds", []) if row["seed"] not in new]
-    runs = earlier.get("runs", [])
+    runs = [run for run in earlier.get("runs", []) if not set(run["seeds"]) <= new]
     record["runs"] = [*runs, {"seeds": sorted(new), "command": record["command"]}]
     if kept:
         seeds = ", ".join(str(r["seed"]) for r in kept)
@@ -514,10 +514,9 @@ def main() -> None:
         record["views_ablation"] = views_ablation(seed0)
         record["threshold"] = threshold_sweep(seed0, retrained, sweeps["thresholds"])
         record["labeled_share"] = labeled_share(seed0, retrained, sweeps["shares"])
-    record["seconds"] = round(time.perf_counter() - tic, 1)
-    if "runs" in record:  # the seeds' runs together
+    record["seconds"] = round(time.perf_counter() - tic, 1)  # this run's
+    if "runs" in record:  # each seed's run; a resumed run counts only its resume
         record["runs"][-1]["seconds"] = record["seconds"]
-        record["seconds"] = sum(run.get("seconds", 0.0) for run in record["runs"])
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(record, indent=2))
     s = record["summary"]

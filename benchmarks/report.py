@@ -581,7 +581,7 @@ def _paper(r: dict, plots: Path = PLOTS, prefix: str = "paper") -> list[str]:
         + f"lr {teacher['lr']}; views: {views}. "
         + _fine_tuned_schedule(r)
         + f"Every model is scored with one view on the test split (COCO AP, "
-        f"pycocotools). Whole run: {r['seconds'] / 60:.0f} min.",
+        f"pycocotools). {_run_minutes(r)}",
     ]
     # (title, the record's key, renderer); `paper.py --part students` writes seeds only
     parts: list[tuple[str, str, Callable[[dict, Path, str], list[str]]]] = [
@@ -599,6 +599,20 @@ def _paper(r: dict, plots: Path = PLOTS, prefix: str = "paper") -> list[str]:
         if key in r:
             lines += ["", f"### {title}", "", *render(r, plots, prefix)]
     return lines
+
+
+def _run_minutes(r: dict) -> str:
+    """How long the bench ran: one run, or (``paper.py --seed``) each seed's run."""
+    if "runs" not in r:
+        return f"Whole run: {r['seconds'] / 60:.0f} min."
+    runs = ", ".join(
+        f"seed {', '.join(map(str, run['seeds']))} {run['seconds'] / 60:.0f} min"
+        for run in r["runs"]
+    )
+    return (
+        f"One run a seed: {runs} (a run that resumed finished models counts only "
+        "its resume)."
+    )
 
 
 def _fine_tuned_schedule(r: dict) -> str:

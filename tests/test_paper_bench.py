@@ -285,10 +285,13 @@ def test_one_seed_a_run_merges_into_the_same_benchs_results(
     ap["seed1"] = 0.4  # seed 1 again: its row is replaced, not doubled
     record = run(1)
     assert [s["teacher"]["AP"] for s in record["seeds"]] == [0.3, 0.4]
+    assert [r["seeds"] for r in record["runs"]] == [[0], [1]]  # the rows' runs
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+    minutes = report["_run_minutes"](record)
+    assert minutes.startswith("One run a seed: seed 0 0 min, seed 1 0 min (")
     record = run(1, iterations=6)  # another schedule: not the same bench
     assert [s["seed"] for s in record["seeds"]] == [1] and "note" not in record
 
-    report = runpy.run_path(str(BENCHMARKS / "report.py"))
     assert report["_verdict"](0.03, 2) == "**not yet decided** (2 of 3 seeds run)."
     assert report["_verdict"](0.03, 3) == "**met**."
     assert report["_verdict"](0.01, 3) == "**missed**."
