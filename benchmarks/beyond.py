@@ -1,10 +1,11 @@
 """Beyond the paper: options that may raise the student, each ablated at equal compute.
 
-Runs on the work folder of ``paper.py --part students`` (``--paper-dir``): for each
-seed it reuses that run's teacher, its pseudo-labels and threshold, and compares
-every option's student with the retrained student of ``paper.json`` (same seed,
-same teacher, same schedule: 1,000 steps x 5 images) and with the control (the
-teacher). Only the option differs:
+For each seed, the paper bench's run (``paper.py --part students``: teacher,
+pseudo-labels, threshold, retrained student, same data and schedule: 1,000 steps x 5
+images) is resumed from its work folder (``--paper-dir``) where paper.py ran there,
+and trained there otherwise, so that this bench runs alone on a fresh checkout; each
+option's student is compared with that seed's retrained student and with the control
+(the teacher). Only the option differs:
 
 - ``ignore_band``: pseudo-boxes scoring up to 0.2 under the threshold are ignored
   (neither object nor background) instead of being background
@@ -21,10 +22,10 @@ teacher). Only the option differs:
   weights on its pseudo-labels: the student becomes the teacher.
 
 Writes ``benchmarks/results/beyond.json``; ``benchmarks/report.py`` turns it into a
-table and a plot. A missing seed or option is an error, not a silent skip.
+table and a plot.
 
-    python benchmarks/beyond.py --paper-dir DIR [--paper-results paper.json]
-                                [--seeds 0 1 2] [--options ...] [--smoke]
+    python benchmarks/beyond.py --paper-dir DIR [--seeds 0 1 2] [--iterations 1000]
+                                [--options ...] [--smoke] [--results FILE]
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the paper bench's he
 import paper  # noqa: E402
 
 from raydd.config import Config, ViewConfig  # noqa: E402
-from raydd.layout import STUDENT_DIR, TEACHER_DIR  # noqa: E402
+from raydd.layout import STUDENT_DIR  # noqa: E402
 from raydd.pipeline import choose_threshold  # noqa: E402
 from raydd.pseudo_label import pseudo_label, read_candidates  # noqa: E402
 from raydd.runtime import init_ray  # noqa: E402
-from raydd.threshold import load_threshold, thresholds_by_label  # noqa: E402
+from raydd.threshold import thresholds_by_label  # noqa: E402
 
 ROOT = paper.ROOT
 IGNORE_BAND = 0.2
@@ -68,15 +69,6 @@ def labeled(config: Config, teacher: Path, name: str) -> dict[str, Any]:
     candidates = read_candidates(pseudo_label(cfg, str(teacher)).candidates)
     found = choose_threshold(cfg, candidates)
     used = thresholds_by_label(found, cfg.threshold.per_class)
-    return {"candidates": candidates, "used": used, "threshold": found.threshold}
-
-
-def paper_labels(config: Config, teacher: Path) -> dict[str, Any]:
-    """The paper run's pseudo-labels (its finished parts: nothing is redone) and the
-    threshold it chose (``thresholds.json``; the search is not run again)."""
-    candidates = read_candidates(pseudo_label(config, str(teacher)).candidates)
-    found = load_threshold(config.output_dir)
-    used = thresholds_by_label(found, config.threshold.per_class)
     return {"candidates": candidates, "used": used, "threshold": found.threshold}
 
 
@@ -134,43 +126,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--paper-dir", required=True, help="paper.py's --output-dir")
     parser.add_argument(
-        "--paper-results", default=str(ROOT / "benchmarks/results/paper.json")
+        "--paper-dir",
+        required=True,
+        help="paper.py's --output-dir: what it holds is reused, what it lacks is made",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help=f"teacher and student steps: {paper.ITERATIONS} (smoke: "
+        f"{paper.SMOKE_ITERATIONS}), as paper.py's",
+    )
     parser.add_argument("--options", nargs="+", choices=list(OPTIONS), default=None)
-    parser.add_argument("--smoke", action="store_true", help="paper.py --smoke's dir")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, minutes")
     parser.add_argument(
         "--results", default=str(ROOT / "benchmarks/results/beyond.json")
     )
     args = parser.parse_args()
     tic = time.perf_counter()
     work = Path(args.paper_dir)
-    record = json.loads(Path(args.paper_results).read_text())
-    if record["smoke"] != args.smoke:
-        raise SystemExit(f"{args.paper_results}: smoke is {record['smoke']}")
-    by_seed = {row["seed"]: row for row in record["seeds"]}
-    seeds = args.seeds if args.seeds is not None else sorted(by_seed)
+    seeds = args.seeds if args.seeds is not None else [0] if args.smoke else [0, 1, 2]
     options = args.options or list(OPTIONS)
-    iterations = record["schedule"]["student"]["iterations"]
-    config = paper.build_config(work, args.smoke, iterations)
+    sizes = paper.SMOKE_SIZES if args.smoke else paper.SIZES
+    paper.write_demo_dataset(work / "data", seed=0, sizes=sizes)  # as paper.py's
+    config = paper.build_config(work, args.smoke, args.iterations)
     init_ray()
 
     rows = []
     for seed in seeds:
-        cfg = paper.seeded(config, seed)
-        teacher = Path(cfg.output_dir) / TEACHER_DIR
-        if not teacher.exists() or seed not in by_seed:
-            raise SystemExit(f"seed {seed}: no teacher in {work} or row in the record")
-        found = paper_labels(cfg, teacher)
-        row = {
-            "seed": seed,
-            "teacher": by_seed[seed]["teacher"],
-            "retrained": by_seed[seed]["retrained"],
-        }
+        # the paper bench's seed: teacher, pseudo-labels, threshold, retrained
+        # student; resumed where paper.py ran in this folder, else trained here
+        paper_row, found = paper.run_seed(config, seed, students=False)
+        row = {key: paper_row[key] for key in ("seed", "teacher", "retrained")}
         for option in options:
-            row[option] = OPTIONS[option](cfg, {**found, "teacher": teacher})
+            row[option] = OPTIONS[option](found["config"], found)
         rows.append(row)
     result = {
         "benchmark": "beyond",
@@ -178,14 +169,14 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": paper.machine(),
         "command": " ".join(["python benchmarks/beyond.py", *sys.argv[1:]]),
-        "paper_results": Path(args.paper_results).name,
         "settings": {
             "ignore_band": IGNORE_BAND,
             "pseudo_min_size": PSEUDO_SIZES,
             "pseudo_color_jitter": COLOR_JITTER,
             "paper_views": PAPER_SCALES,
         },
-        "schedule": record["schedule"]["student"],
+        "schedule": dataclasses.asdict(config.student),
+        "images": dataclasses.asdict(sizes),
         "seeds": rows,
         "vs_retrained": {o: paired(rows, o, "retrained") for o in options},
         "vs_control": {o: paired(rows, o, "teacher") for o in ["retrained", *options]},
