@@ -333,3 +333,44 @@ def test_one_seed_a_run_merges_into_the_same_benchs_results(
     assert report["_verdict"](0.03, 2) == "**not yet decided** (2 of 3 seeds run)."
     assert report["_verdict"](0.03, 3) == "**met**."
     assert report["_verdict"](0.01, 3) == "**missed**."
+
+
+def test_the_report_says_whether_the_papers_direction_reproduces(tmp_path):
+    """More unlabeled data and more views: the sweeps' sections say plainly whether
+    the paper's direction holds, in part, or not."""
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+
+    def quantity(aps: list[float]) -> str:
+        points = [
+            {"fraction": f, "pseudo_images": 0, "AP": a, "AP50": 0.5, "AP75": 0.3}
+            for f, a in zip((0.0, 0.25, 0.5, 1.0), aps, strict=True)
+        ]
+        record = {"seeds": [{"teacher": {"AP": 0.3}}], "quantity": points}
+        (line,) = [
+            x for x in report["_paper_quantity"](record, tmp_path, "q") if "paper:" in x
+        ]
+        return line
+
+    assert "**+2.0 AP points**" in quantity([0.30, 0.31, 0.315, 0.32])
+    assert "direction reproduces (" in quantity([0.30, 0.31, 0.315, 0.32])
+    assert "reproduces in part" in quantity([0.30, 0.31, 0.305, 0.32])
+    assert "does not reproduce" in quantity([0.30, 0.31, 0.305, 0.29])
+
+    def views(aps: list[float]) -> str:
+        rows = [
+            {"name": n, "views": [{}] * k, "AP": a, "AP50": 0.5, "AP75": 0.3}
+            | {"images_per_s": 20 / k}
+            for n, k, a in zip(("identity", "+ flip"), (1, 2), aps, strict=True)
+        ]
+        record = {"views_ablation": rows}
+        (line,) = [
+            x for x in report["_paper_views"](record, tmp_path, "v") if "paper:" in x
+        ]
+        return line
+
+    assert views([0.30, 0.32]).endswith(
+        "**+2.0 AP points** over the identity at 2.0x its cost."
+    )
+    assert views([0.30, 0.29]).endswith(
+        "the paper's direction does not reproduce here."
+    )
