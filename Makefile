@@ -81,7 +81,9 @@ bench-paper-2000-seed%: $(VENV)/.installed
 		--output-dir $(LONG_WORK) --results benchmarks/results/paper_2000.json
 	$(BIN)/python benchmarks/report.py
 
-# Seed 0: unlabeled quantity, views, threshold and labeled-share sweeps. About 100 min.
+# Seed 0: unlabeled quantity, views, threshold and labeled-share sweeps: 9 models.
+# 83.5 min on 2026-12-03 (a 2-CPU machine that trains a 1,000-step model in 7.5 min,
+# slowed by tests beside it); about 130 on one that takes 13.
 bench-sweeps: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part sweeps --output-dir $(PAPER_WORK)
 	$(BIN)/python benchmarks/report.py
