@@ -51,10 +51,10 @@ bench-paper: $(VENV)/.installed
 
 # Beyond the paper, one option a target, 3 seeds each (one student a seed); each
 # seed's paper run (teacher, labels, retrained student) is resumed from bench-paper's
-# folder, or trained there when this checkout has not run it (about 50 min on a
-# 2-CPU machine that trains a 1,000-step model in 7.5 min, 2026-12-03; a second
-# target resumes them): bench-beyond-ignore_band, -pseudo_augment, -paper_views,
-# -second_round. Estimated: 75-150 min each, depending on the machine.
+# folder, or trained there when this checkout has not run it (a later target resumes
+# them): bench-beyond-ignore_band, -pseudo_augment, -paper_views, -second_round.
+# bench-beyond-ignore_band: 53 min on 2026-12-03 (seed 0's paper run resumed, seeds 1
+# and 2's trained; a 2-CPU machine that trains a 1,000-step model in 7.5 min).
 BEYOND := ignore_band pseudo_augment paper_views second_round
 bench-beyond: $(addprefix bench-beyond-,$(BEYOND))
 bench-beyond-%: $(VENV)/.installed

@@ -10,6 +10,7 @@ throughput result in one table, then each benchmark's details.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from collections.abc import Callable
@@ -334,9 +335,7 @@ def _paper_students(r: dict, plots: Path, prefix: str) -> list[str]:
         return f"**{statistics.mean(d) * 100:+.1f} ± {std * 100:.1f}** ({each})"
 
     gain = statistics.mean(diffs["retrained", "teacher"])
-    target = (
-        f"Target: student − control ≥ +{TARGET_GAIN * 100:.1f} AP, mean over 3 seeds"
-    )
+    goal = f"student − control ≥ +{TARGET_GAIN * 100:.1f} AP, mean over 3 seeds"
     rows += [
         "",
         "Paired differences per seed, AP points, mean ± std (each seed):",
@@ -344,10 +343,10 @@ def _paper_students(r: dict, plots: Path, prefix: str) -> list[str]:
         *[f"- {what}: {paired(a, b)}" for a, b, what in pairs],
         "",
         (
-            f"The sweeps train seed 0 only: the target ({target[8:]}) is judged on "
+            f"The sweeps train seed 0 only: the target ({goal}) is judged on "
             "`make bench-paper`'s seeds."
             if r.get("part") == "sweeps"
-            else f"{target}: {_verdict(gain, len(seeds))}"
+            else f"Target: {goal}: {_verdict(gain, len(seeds))}"
         )
         + _labeled_only(r),
         *_curves(seeds),
@@ -482,7 +481,7 @@ def _paper_quantity(r: dict, plots: Path, prefix: str) -> list[str]:
     ax.set_title("More unlabeled data (fixed labeled set and schedule)")
     ax.legend()
     aps = [p["AP"] for p in points]
-    rises = all(b > a for a, b in zip(aps, aps[1:], strict=False))
+    rises = all(b > a for a, b in itertools.pairwise(aps))
     gain = aps[-1] - aps[0]
     verdict = (
         "reproduces"
