@@ -43,8 +43,8 @@ bench: bench-paper bench-beyond bench-teachers \
 PAPER_WORK := benchmarks/work/paper
 
 # The paper's protocol, 3 seeds: control (= the teacher) vs retrained vs fine-tuned
-# student at equal compute. About 130 minutes on 2 CPU cores (estimated: a 1,000-step
-# model took 12-15 min on 2026-12-03; 3 seeds x 3,000 steps + labeling + tests).
+# student at equal compute. 60 min on 2026-12-03 (2 CPU cores that train a 1,000-step
+# model in 6-7 min; 3 seeds x 3,000 steps + labeling); about 120 where one takes 13.
 bench-paper: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part students --output-dir $(PAPER_WORK)
 	$(BIN)/python benchmarks/report.py

@@ -374,3 +374,26 @@ def test_the_report_says_whether_the_papers_direction_reproduces(tmp_path):
     assert views([0.30, 0.29]).endswith(
         "the paper's direction does not reproduce here."
     )
+
+
+def test_the_report_says_whether_retraining_beats_fine_tuning():
+    """Each student's gain over its own equal-compute control, paired per seed: the
+    line says whether the paper's retrain-over-fine-tune finding holds."""
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+
+    def line(retrained: list[float], fine_tuned: list[float]) -> list[str]:
+        diffs = {
+            ("retrained", "teacher"): retrained,
+            ("fine_tuned", "fine_tuned_control"): fine_tuned,
+        }
+        return report["_retrain_or_fine_tune"](diffs)
+
+    (every,) = line([0.01, 0.0, 0.02], [-0.01, -0.02, 0.01])
+    assert "**+1.7 ± 0.6** (+2.0, +2.0, +1.0)" in every
+    assert every.endswith("retraining beats fine-tuning reproduces on every seed.")
+    (some,) = line([0.03, 0.0, 0.0], [0.0, 0.0, 0.01])
+    assert some.endswith("reproduces on average, not on every seed.")
+    (none,) = line([0.0, 0.0, 0.0], [0.01, 0.0, 0.0])
+    assert none.endswith("does not reproduce.")
+    # a record without the fine-tuned arms (`--no-fine-tune`)
+    assert report["_retrain_or_fine_tune"]({("retrained", "teacher"): [0.01]}) == []
