@@ -790,6 +790,64 @@ def _beyond(r: dict, plots: Path = PLOTS, prefix: str = "beyond") -> list[str]:
     return rows + ["", _save(fig, plots, f"{prefix}.png")]
 
 
+def _beyond_summary(records: list[dict], plots: Path = PLOTS) -> list[str]:
+    """Every option of every beyond record in one table and one plot: each against
+    its own record's retrained student and control."""
+    ran = [(o, r) for r in records for o in r["vs_retrained"]]
+
+    def diff(d: dict) -> str:
+        return f"{d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f}"
+
+    rows = [
+        "Each option ran in its own bench (sections below); differences are paired "
+        "per seed within it, in AP points (mean ± std). The target is student − "
+        f"control ≥ +{TARGET_GAIN * 100:.1f} AP.",
+        "",
+        "| option | schedule | seeds | option − retrained student | option − control "
+        "| retrained student − control |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {BEYOND[o].format(**r['settings'])} | "
+        f"{r['schedule']['iterations']} x {r['schedule']['batch_size']} | "
+        f"{len(r['seeds'])} | {diff(r['vs_retrained'][o])} | "
+        f"{diff(r['vs_control'][o])} | {diff(r['vs_control']['retrained'])} |"
+        for o, r in ran
+    ]
+    best, record = max(ran, key=lambda x: x[1]["vs_control"][x[0]]["mean"])
+    gain = record["vs_control"][best]["mean"]
+    rows += [
+        "",
+        f"Highest over the control: {best}, **{gain * 100:+.1f} AP**: the target is "
+        + ("**met**." if gain >= TARGET_GAIN else "**missed** by every option."),
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for shift, arm, color, label in (
+        (-0.2, lambda o: "retrained", "#888", "retrained student (same bench)"),
+        (0.2, lambda o: o, "C0", "option"),
+    ):
+        d = [r["vs_control"][arm(o)] for o, r in ran]
+        ax.bar(
+            [i + shift for i in range(len(ran))],
+            [x["mean"] * 100 for x in d],
+            0.4,
+            yerr=[x["std"] * 100 for x in d],
+            capsize=3,
+            color=color,
+            label=label,
+        )
+        for i, x in enumerate(d):
+            ax.plot([i + shift] * len(x["each"]), [e * 100 for e in x["each"]], "k.")
+    ax.axhline(0, color="#888", lw=0.8)
+    ax.axhline(TARGET_GAIN * 100, color="C3", lw=0.8, ls="--", label="target")
+    ax.set_xticks(range(len(ran)), [o.replace("_", "\n") for o, _ in ran], fontsize=8)
+    ax.set_ylabel("student − control (AP points)")
+    ax.set_title("Every option at equal compute (dots: each seed)", fontsize=10)
+    ax.set_ylim(top=TARGET_GAIN * 100 + 1.2)  # room for the legend above the target
+    ax.legend(fontsize=7, loc="upper right", ncol=3)
+    return rows + ["", _save(fig, plots, "beyond_all.png")]
+
+
 SECTIONS = {
     "paper": ("The paper's findings on the demo data", _paper),
     "beyond": ("Beyond the paper: options at equal compute", _beyond),
@@ -940,6 +998,10 @@ def main() -> None:
             if _longer(record, named.get("paper")):
                 body += ["", *_longer_schedule(named["paper"], record)]
             lines += _section(_paper_title(record), record, body)
+    beyond = [r for r in records if r["benchmark"] == "beyond"]
+    if len(beyond) > 1:
+        lines += [f"## {SECTIONS['beyond'][0]}: every option", ""]
+        lines += [*_beyond_summary(beyond), ""]
     for stem, record in named.items():
         if record["benchmark"] == "beyond":
             title = f"{SECTIONS['beyond'][0]}: {', '.join(record['vs_retrained'])}"

@@ -397,3 +397,35 @@ def test_the_report_says_whether_retraining_beats_fine_tuning():
     assert none.endswith("does not reproduce.")
     # a record without the fine-tuned arms (`--no-fine-tune`)
     assert report["_retrain_or_fine_tune"]({("retrained", "teacher"): [0.01]}) == []
+
+
+def test_the_report_puts_every_option_in_one_table(tmp_path):
+    """Options benched one a record: one row each, against its own record's
+    retrained student and control, and whether any reaches the +2 AP target."""
+    report = runpy.run_path(str(BENCHMARKS / "report.py"))
+    settings = {"ignore_band": 0.2, "pseudo_min_size": [64], "pseudo_color_jitter": 0.3}
+
+    def record(option: str, gain: float, retrained: float) -> dict:
+        def d(x: float) -> dict:
+            return {"mean": x, "std": 0.0, "each": [x, x, x]}
+
+        return {
+            "settings": settings,
+            "schedule": {"iterations": 1000, "batch_size": 5},
+            "seeds": [{"seed": s} for s in range(3)],
+            "vs_retrained": {option: d(gain - retrained)},
+            "vs_control": {"retrained": d(retrained), option: d(gain)},
+        }
+
+    records = [record("ignore_band", 0.005, 0.0), record("pseudo_augment", 0.0, 0.01)]
+    lines = report["_beyond_summary"](records, plots=tmp_path)
+    assert (
+        "| ignore band (boxes up to 0.2 under the threshold) | 1000 x 5 | 3 "
+        "| +0.5 ± 0.0 | +0.5 ± 0.0 | +0.0 ± 0.0 |"
+    ) in lines
+    assert any(x.endswith("| -1.0 ± 0.0 | +0.0 ± 0.0 | +1.0 ± 0.0 |") for x in lines)
+    assert "Highest over the control: ignore_band, **+0.5 AP**" in "\n".join(lines)
+    assert "**missed** by every option." in "\n".join(lines)
+    assert imread(tmp_path / "beyond_all.png").shape[2] in (3, 4)
+    met = report["_beyond_summary"]([record("ignore_band", 0.021, 0.0)], tmp_path)
+    assert met[-3].endswith("**+2.1 AP**: the target is **met**.")
