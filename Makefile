@@ -55,7 +55,8 @@ bench-paper: $(VENV)/.installed
 # them): bench-beyond-ignore_band, -pseudo_augment, -paper_views, -second_round.
 # bench-beyond-ignore_band: 53 min on 2026-12-03 (seed 0's paper run resumed, seeds 1
 # and 2's trained; a 2-CPU machine that trains a 1,000-step model in 7.5 min);
-# bench-beyond-pseudo_augment: 23 min, -paper_views 31 min (paper runs resumed).
+# bench-beyond-pseudo_augment: 23 min, -paper_views 31, -second_round 26 (paper runs
+# resumed).
 BEYOND := ignore_band pseudo_augment paper_views second_round
 bench-beyond: $(addprefix bench-beyond-,$(BEYOND))
 bench-beyond-%: $(VENV)/.installed
