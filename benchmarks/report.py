@@ -738,6 +738,11 @@ BEYOND = {
 }
 
 
+def _diff(d: dict | None) -> str:
+    """A record's paired difference (mean, std in AP) as AP points; "" if none."""
+    return "" if d is None else f"{d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f}"
+
+
 def _beyond(r: dict, plots: Path = PLOTS, prefix: str = "beyond") -> list[str]:
     """Each option's student against the retrained student and the control."""
     seeds, settings = r["seeds"], r["settings"]
@@ -746,11 +751,6 @@ def _beyond(r: dict, plots: Path = PLOTS, prefix: str = "beyond") -> list[str]:
         "teacher": "control (= the teacher)",
         "retrained": "retrained student (the paper's protocol)",
     } | {o: BEYOND[o].format(**settings) for o in options}
-
-    def diff(d: dict | None) -> str:
-        if d is None:
-            return ""
-        return f"{d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f}"
 
     rows = [
         f"Seeds {', '.join(str(s['seed']) for s in seeds)}; every student "
@@ -766,8 +766,8 @@ def _beyond(r: dict, plots: Path = PLOTS, prefix: str = "beyond") -> list[str]:
         each = [s[key]["AP"] for s in seeds]
         rows.append(
             f"| {name[key]} | {', '.join(f'{a:.4f}' for a in each)} | "
-            f"{statistics.mean(each):.4f} | {diff(r['vs_retrained'].get(key))} | "
-            f"{diff(r['vs_control'].get(key))} |"
+            f"{statistics.mean(each):.4f} | {_diff(r['vs_retrained'].get(key))} | "
+            f"{_diff(r['vs_control'].get(key))} |"
         )
     better = [o for o in options if r["vs_retrained"][o]["mean"] > 0]
     rows += [
@@ -795,9 +795,6 @@ def _beyond_summary(records: list[dict], plots: Path = PLOTS) -> list[str]:
     its own record's retrained student and control."""
     ran = [(o, r) for r in records for o in r["vs_retrained"]]
 
-    def diff(d: dict) -> str:
-        return f"{d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f}"
-
     rows = [
         "Each option ran in its own bench (sections below); differences are paired "
         "per seed within it, in AP points (mean ± std). The target is student − "
@@ -810,8 +807,8 @@ def _beyond_summary(records: list[dict], plots: Path = PLOTS) -> list[str]:
     rows += [
         f"| {BEYOND[o].format(**r['settings'])} | "
         f"{r['schedule']['iterations']} x {r['schedule']['batch_size']} | "
-        f"{len(r['seeds'])} | {diff(r['vs_retrained'][o])} | "
-        f"{diff(r['vs_control'][o])} | {diff(r['vs_control']['retrained'])} |"
+        f"{len(r['seeds'])} | {_diff(r['vs_retrained'][o])} | "
+        f"{_diff(r['vs_control'][o])} | {_diff(r['vs_control']['retrained'])} |"
         for o, r in ran
     ]
     best, record = max(ran, key=lambda x: x[1]["vs_control"][x[0]]["mean"])
