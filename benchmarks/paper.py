@@ -251,13 +251,15 @@ ARMS = ("teacher", "teacher_views", "retrained", "fine_tuned", "fine_tuned_contr
 SAME_BENCH = ("benchmark", "part", "smoke", "schedule", "images", "views")
 
 
-def merge_seeds(record: dict, rows: list[dict], results: Path) -> list[dict]:
+def merge_seeds(
+    record: dict, rows: list[dict], results: Path, same: Sequence[str] = SAME_BENCH
+) -> list[dict]:
     """``rows`` and the other seeds' rows of ``results``, when that file holds the
-    same bench (part, schedule, data, views): one seed a ``make`` target. Notes in
-    ``record`` which runs the seeds come from."""
+    same bench (its ``same`` keys: part, schedule, data, views): one seed a ``make``
+    target. Notes in ``record`` which runs the seeds come from."""
     earlier = json.loads(results.read_text()) if results.exists() else {}
     written = json.loads(json.dumps(record))  # as the file holds it (tuples: lists)
-    if any(earlier.get(key) != written[key] for key in SAME_BENCH):
+    if any(earlier.get(key) != written.get(key) for key in same):
         if earlier:
             log(f"{results} holds another bench: its seeds are not merged")
         earlier = {}

@@ -1,17 +1,19 @@
 """Where Ray Train's missing few percent go: the CPU Ray's own processes use.
 
-``train_throughput.py`` measures Ray Train at ~0.9x a plain torch loop on 2 CPUs,
-with the exposed data wait at ~4% of the step. This script measures the rest of the
+``train_throughput.py`` measures Ray Train at 0.91x to 0.98x a plain torch loop on
+2 CPUs (four runs on one machine; 0.89x on a slower one), with the exposed data
+wait at ~4% of the step. This script measures the rest of the
 difference: the CPU that Ray's own processes (the Train controller and its helper
 actors, Ray Data's coordinator actors, the raylet, GCS, the driver) use while a
 Ray Train run goes on. Its training loop only sleeps (and reports every 20 s, as
 raydd's loop does), so every CPU second counted is Ray's, not the model's.
 
 For each variant (environment variables set before Ray starts, in a fresh process)
-it starts Ray like ``train_throughput.py`` (2 CPUs, no dashboard), launches the run,
-waits ``--warmup`` seconds, then reads every process's CPU time (Linux
-``/proc/PID/stat``) over ``--window`` seconds. Result: the share of one core per
-process kind, and in total. Writes ``benchmarks/results/ray_overhead.json``.
+it starts Ray like ``train_throughput.py`` and ``raydd run`` (2 CPUs, the dashboard
+included), launches the run, waits ``--warmup`` seconds, then reads every process's
+CPU time (Linux ``/proc/PID/stat``) over ``--window`` seconds. Result: the share of
+one core per process kind, and in total. Writes
+``benchmarks/results/ray_overhead.json``.
 
     python benchmarks/ray_overhead.py [--smoke] [--window 60] [--warmup 30]
 """
@@ -80,12 +82,14 @@ def _cpu(pids: set[int]) -> dict[int, tuple[str, float]]:
 
 
 def _kind(argv: list[str], driver: bool) -> str:
-    """A process's kind from its command line: Ray's worker title, else the script
-    (log_monitor.py, ...) or the program (raylet, gcs_server)."""
+    """A process's kind from its command line: Ray's worker or dashboard module
+    title, else the script (log_monitor.py, ...) or the program (raylet, gcs_server)."""
     if driver:
         return "driver (this process)"
     if argv[0].startswith("ray::"):
         return argv[0].split(".")[0]  # ray::TrainController.run -> ray::TrainController
+    if argv[0].startswith("ray-dashboard-"):  # the dashboard's module processes,
+        return "dashboard modules"  # titled "ray-dashboard-MetricsHead-0 (python ...)"
     scripts = [Path(a).name for a in argv[1:] if a.endswith(".py")]
     return scripts[0] if scripts else Path(argv[0]).name
 
@@ -105,7 +109,7 @@ def measure(window: float, warmup: float) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2)  # as `raydd run` and train_throughput.py: dashboard included
     try:
         with tempfile.TemporaryDirectory() as storage:
             trainer = TorchTrainer(

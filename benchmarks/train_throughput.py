@@ -22,12 +22,14 @@ The three run interleaved, ``--repeats`` times (the machine drifts by several
 percent over minutes); each is timed after as many warm-up steps as Ray Train's
 first report interval. Ratio = Ray Train / plain loop + DataLoader, mean of the
 repeats' images/s. Targets (reported, not asserted): Ray Train >= 0.97x the plain
-loop with the same data work; exposed data loading < 5% of step time. Writes
-``benchmarks/results/train_throughput.json`` (``--smoke``: a temporary file unless
-``--results`` says otherwise).
+loop with the same data work; exposed data loading < 5% of step time. Ray starts
+here as ``raydd run`` starts it, with its dashboard, whose processes take CPU from
+the 2 the runs share; ``--no-dashboard`` measures without them. Writes
+``benchmarks/results/train_throughput.json`` (``train_throughput_no_dashboard.json``;
+``--smoke``: a temporary file unless ``--results`` says otherwise).
 
     python benchmarks/train_throughput.py [--smoke] [--iterations 200] \
-        [--log-every 20] [--images 64] [--repeats 3]
+        [--log-every 20] [--images 64] [--repeats 3] [--no-dashboard]
 """
 
 from __future__ import annotations
@@ -251,6 +253,11 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=20, help="report interval")
     parser.add_argument("--images", type=int, default=64, help="labeled = pseudo")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--no-dashboard",
+        action="store_true",
+        help="start Ray without its dashboard (whose processes share the 2 CPUs)",
+    )
     parser.add_argument("--results", default=None)
     args = parser.parse_args()
     iterations, log_every, images, repeats = (
@@ -263,14 +270,17 @@ def main() -> None:
         or (
             Path(tempfile.gettempdir()) / "train_throughput_smoke.json"
             if args.smoke
-            else ROOT / "benchmarks/results/train_throughput.json"
+            else ROOT
+            / "benchmarks/results"
+            / f"train_throughput{'_no_dashboard' * args.no_dashboard}.json"
         )
     )
 
     # [1] Data and config: two labeled demo splits as the labeled and pseudo sets.
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False)
+        # as `raydd run` starts Ray here: the dashboard included unless told not to
+        ray.init(num_cpus=2, include_dashboard=not args.no_dashboard)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -334,7 +344,8 @@ def main() -> None:
         "command": "python benchmarks/train_throughput.py"
         + (" --smoke" if args.smoke else "")
         + f" --iterations {iterations} --log-every {log_every} --images {images}"
-        + f" --repeats {repeats}",
+        + f" --repeats {repeats}"
+        + (" --no-dashboard" if args.no_dashboard else ""),
         "model": config.model.name,
         "min_size": list(config.model.min_size),
         "max_size": config.model.max_size,
@@ -345,6 +356,8 @@ def main() -> None:
         "cpus_per_worker": cfg.cpus_per_worker,
         "torch_threads": threads,
         "ray_cpus": ray_cpus,
+        # None: Ray was started by someone else, with or without one
+        "dashboard": (not args.no_dashboard) if started else None,
         "timed_steps": timed,
         "repeats": repeats,
         "runs": runs,

@@ -125,6 +125,7 @@ def test_train_throughput_smoke(ray_local, tmp_path, monkeypatch, capsys):
     runpy.run_path(str(BENCHMARKS / "train_throughput.py"), run_name="__main__")
     record = json.loads(results.read_text())
     assert record["smoke"] is True and record["batch_size"] == 5
+    assert record["dashboard"] is None  # the fixture's Ray, not one it started
     runs = {run["variant"]: run for run in record["runs"]}
     assert list(runs) == ["preloaded", "dataloader", "ray_train"]
     assert {run["timed_steps"] for run in runs.values()} == {4}

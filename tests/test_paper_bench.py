@@ -217,18 +217,33 @@ def test_beyond_trains_the_paper_run_it_lacks(ray_local, tmp_path, monkeypatch):
     monkeypatch.setattr(names["paper"], "run_seed", run_seed)
     monkeypatch.setitem(names["OPTIONS"], "ignore_band", ignore_band)
     results = tmp_path / "beyond.json"
-    argv = ["beyond.py", "--smoke", "--paper-dir", str(tmp_path / "fresh")]
-    argv += ["--seeds", "0", "2", "--options", "ignore_band", "--results"]
-    monkeypatch.setattr(sys, "argv", [*argv, str(results)])
-    names["main"]()
+
+    def run(*seeds: str, option: str = "ignore_band") -> dict:
+        argv = ["beyond.py", "--smoke", "--paper-dir", str(tmp_path / "fresh")]
+        argv += ["--seeds", *seeds, "--options", option, "--results"]
+        monkeypatch.setattr(sys, "argv", [*argv, str(results)])
+        names["main"]()
+        return json.loads(results.read_text())
+
+    record = run("0", "2")
     assert calls == [(0, False, "output"), (2, False, "output")]
-    record = json.loads(results.read_text())
     assert [sorted(row) for row in record["seeds"]] == 2 * [
         ["ignore_band", "retrained", "seed", "teacher"]
     ]
     gains = record["vs_retrained"]["ignore_band"]["each"]
     assert gains == pytest.approx([0.0, 0.02])
     assert (tmp_path / "fresh" / "data" / "labeled.json").exists()
+    # one seed a run (a make target each): its row joins the same bench's seeds
+    record = run("1")
+    assert [row["seed"] for row in record["seeds"]] == [0, 1, 2]
+    assert record["vs_retrained"]["ignore_band"]["each"] == pytest.approx(
+        [0.0, 0.01, 0.02]
+    )
+    assert [r["seeds"] for r in record["runs"]] == [[0, 2], [1]]
+    # another option is another bench: its seeds are not mixed with these
+    monkeypatch.setitem(names["OPTIONS"], "pseudo_augment", ignore_band)
+    record = run("1", option="pseudo_augment")
+    assert [row["seed"] for row in record["seeds"]] == [1]
 
 
 def test_the_teachers_part_trains_and_scores_the_teachers_alone(
