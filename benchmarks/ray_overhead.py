@@ -1,9 +1,8 @@
 """Where Ray Train's missing few percent go: the CPU Ray's own processes use.
 
-``train_throughput.py`` measures Ray Train at 0.91x to 0.98x a plain torch loop on
-2 CPUs (four runs on one machine; 0.89x on a slower one), with the exposed data
-wait at ~4% of the step. This script measures the rest of the
-difference: the CPU that Ray's own processes (the Train controller and its helper
+``train_throughput.py`` measures Ray Train at ~0.97x a plain torch loop on 2 CPUs,
+with the exposed data wait at ~0.5% of the step. This script measures the rest of
+the difference: the CPU that Ray's own processes (the Train controller and its helper
 actors, Ray Data's coordinator actors, the raylet, GCS, the driver) use while a
 Ray Train run goes on. Its training loop only sleeps (and reports every 20 s, as
 raydd's loop does), so every CPU second counted is Ray's, not the model's.

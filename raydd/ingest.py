@@ -36,6 +36,7 @@ column        dtype / shape           meaning
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -67,8 +68,10 @@ AUGMENT_KEY = "raydd.augment"  # where prepare() keeps the Augment: DataContext 
 ROWS_PER_BLOCK = 64  # undecoded rows per Ray Data block
 AUGMENT_BATCH = 16  # images per Augment call (and per output block)
 PASS_ROWS = 64  # rows per decoding pipeline: several epochs of a small set at once
-# (each start shows as a ~1-2 s data wait; yet 1,024 measured 3.4x slower steps on 2
-# CPUs -- 3.1 vs 10.7 images/s, benchmarks/train_throughput.py -- cause not found)
+# (1,024 measured 3.4x slower steps on 2 CPUs -- 3.1 vs 10.7 images/s,
+# benchmarks/train_throughput.py -- cause not found)
+START_AHEAD_STEPS = 4  # the next pipeline starts while this many steps' rows remain:
+# its start-up was 4% of the step time waited for data on 2 CPUs, then 0.5%
 _ORDER, _DRAW = 0, 1  # first word of the seeds: orders and draws never share one
 
 
@@ -317,8 +320,9 @@ class RowStream:
     epochs, in :class:`Shuffle` order, through the set's :class:`Augment` (from
     :func:`prepare`) on Ray Data, which decodes them ahead of the training step
     (``prefetch_batches``); one pipeline covers at least ``PASS_ROWS`` rows, so a
-    small set does not start one per epoch. A set without an Augment yields its
-    rows as they are.
+    small set does not start one per epoch, and the next one starts
+    ``START_AHEAD_STEPS`` steps before it is needed, so its start-up is not waited
+    for. A set without an Augment yields its rows as they are.
 
     ``epoch`` counts finished epochs and ``offset`` the rows taken in the current
     one. A stream built with a saved ``(epoch, offset)`` starts that epoch's order
@@ -357,24 +361,43 @@ class RowStream:
             rows.sort(key=lambda row: row[INDEX])
         return [{**row, INDEX: i} for i, row in enumerate(rows)]
 
+    def _plan(
+        self, rows: list[dict[str, Any]], epoch: int, skip: int
+    ) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
+        """(epoch, offset, row) of one pipeline, from ``epoch``'s order after
+        ``skip`` rows on; and the epoch the next pipeline starts with."""
+        planned = []
+        while len(planned) < PASS_ROWS:
+            order = self.shuffle.order(len(rows), epoch)[skip:]
+            planned += [
+                (epoch, offset, rows[j])
+                for offset, j in enumerate(order, start=skip + 1)
+            ]
+            epoch, skip = epoch + 1, 0
+        return planned, epoch
+
     def _iterate(self, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         rows = self._read()
-        while True:
-            planned = []  # (epoch, offset, row) of the next pipeline
-            while len(planned) < PASS_ROWS:
-                order = self.shuffle.order(len(rows), epoch)[skip:]
-                planned += [
-                    (epoch, offset, rows[j])
-                    for offset, j in enumerate(order, start=skip + 1)
-                ]
-                epoch, skip = epoch + 1, 0
-            decoded = self._decode(planned)
-            try:
-                for (at, offset, _), row in zip(planned, decoded, strict=True):
+        planned, epoch = self._plan(rows, epoch, skip)
+        decoded, upcoming = _Started(self._decode(planned)), None
+        ahead = START_AHEAD_STEPS * self.batch_size
+        try:
+            while True:
+                following, epoch = self._plan(rows, epoch, 0)
+                start_next = max(len(planned) - ahead, 0)
+                for i, ((at, offset, _), row) in enumerate(
+                    zip(planned, decoded, strict=True)
+                ):
+                    if i == start_next:  # its start-up overlaps this one's last steps
+                        upcoming = _Started(self._decode(following))
                     self.epoch, self.offset = at, offset
                     yield row
-            finally:
                 decoded.close()
+                planned, decoded, upcoming = following, upcoming, None
+        finally:
+            decoded.close()
+            if upcoming is not None:
+                upcoming.close()
 
     def _decode(
         self, planned: list[tuple[int, int, dict[str, Any]]]
@@ -408,6 +431,46 @@ class RowStream:
     def close(self) -> None:
         """Stops reading (ends Ray Data's iteration while Ray is still up)."""
         self._rows.close()
+
+
+class _Started:
+    """An iterator whose first item is being fetched in a thread from the start:
+    a Ray Data pipeline that starts its execution while the rows before it train."""
+
+    def __init__(self, items: Generator[Any, None, None]) -> None:
+        self._items, self._head, self._error = items, [], None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._first, daemon=True
+        )
+        self._thread.start()
+
+    def _first(self) -> None:
+        try:
+            self._head.append(next(self._items))
+        except StopIteration:
+            pass
+        except BaseException as e:  # raised where the item is asked for
+            self._error = e
+
+    def __iter__(self) -> _Started:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            if self._error is not None:
+                raise self._error
+            if not self._head:
+                raise StopIteration
+            return self._head.pop()
+        return next(self._items)
+
+    def close(self) -> None:
+        if self._thread is not None:  # a generator closes only once it is not running
+            self._thread.join()
+            self._thread = None
+        self._items.close()
 
 
 def next_batch(

@@ -35,6 +35,7 @@ from raydd.ingest import (
     Augment,
     RowStream,
     Shuffle,
+    _Started,
     next_batch,
     prepare,
     record_row,
@@ -231,6 +232,36 @@ def test_a_seed_repeats_the_batches_and_epochs_are_reshuffled(demo_sets):
     other, _ = _batches(demo_sets, seed=8, steps=20)
     assert _labeled_epochs(other)[0] != epochs[0]
     assert [_fingerprint(r) for r in other[0]] != [_fingerprint(r) for r in first[0]]
+
+
+def test_the_next_pipeline_starts_before_it_is_asked_for():
+    """A pipeline's first rows are fetched in a thread from its start (its start-up
+    overlaps the training on the rows before it); then every row comes in order, a
+    failure comes out where a row is asked for, and closing it unread ends it."""
+
+    def rows(started: threading.Event, closed: threading.Event):
+        started.set()
+        try:
+            yield from range(3)
+        finally:
+            closed.set()
+
+    started, closed = threading.Event(), threading.Event()
+    pipeline = _Started(rows(started, closed))
+    assert started.wait(5)  # no row asked for yet
+    assert list(pipeline) == [0, 1, 2]
+    started, closed = threading.Event(), threading.Event()
+    unread = _Started(rows(started, closed))
+    assert started.wait(5) and not closed.is_set()
+    unread.close()
+    assert closed.is_set()
+
+    def failing():
+        raise OSError("a shard is gone")
+        yield
+
+    with pytest.raises(OSError, match="a shard is gone"):
+        next(_Started(failing()))
 
 
 def test_a_resumed_stream_takes_the_rows_of_the_uninterrupted_one(demo_sets):
