@@ -39,6 +39,7 @@ import logging
 import threading
 import zlib
 from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,7 @@ PASS_ROWS = 64  # rows per decoding pipeline: several epochs of a small set at o
 START_AHEAD_STEPS = 4  # the next pipeline starts while this many steps' rows remain:
 # its start-up was 4% of the step time waited for data on 2 CPUs, then 0.5%
 _ORDER, _DRAW = 0, 1  # first word of the seeds: orders and draws never share one
+_END = object()  # a pipeline with no rows
 
 
 def split_batch(batch_size: int, labeled_share: float, pseudo: bool) -> tuple[int, int]:
@@ -438,38 +440,31 @@ class _Started:
     a Ray Data pipeline that starts its execution while the rows before it train."""
 
     def __init__(self, items: Generator[Any, None, None]) -> None:
-        self._items, self._head, self._error = items, [], None
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._first, daemon=True
-        )
-        self._thread.start()
+        self._items = items
+        self._first: Future | None = Future()  # the first item, or the error
+        threading.Thread(target=self._fetch, args=(self._first,), daemon=True).start()
 
-    def _first(self) -> None:
+    def _fetch(self, first: Future) -> None:
         try:
-            self._head.append(next(self._items))
-        except StopIteration:
-            pass
+            first.set_result(next(self._items, _END))
         except BaseException as e:  # raised where the item is asked for
-            self._error = e
+            first.set_exception(e)
 
     def __iter__(self) -> _Started:
         return self
 
     def __next__(self) -> Any:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-            if self._error is not None:
-                raise self._error
-            if not self._head:
-                raise StopIteration
-            return self._head.pop()
-        return next(self._items)
+        if self._first is None:
+            return next(self._items)
+        first, self._first = self._first.result(), None
+        if first is _END:
+            raise StopIteration
+        return first
 
     def close(self) -> None:
-        if self._thread is not None:  # a generator closes only once it is not running
-            self._thread.join()
-            self._thread = None
+        if self._first is not None:  # a generator closes only once it is not running
+            self._first.exception()  # waits for the fetch, raises nothing
+            self._first = None
         self._items.close()
 
 
